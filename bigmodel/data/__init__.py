@@ -1,0 +1,1 @@
+"""Data: TFDS builders and data sources fed through grain pipelines."""

@@ -1,0 +1,179 @@
+"""Grain pipelines from TFDS data sources to host-local numpy batches.
+
+Language modelling: documents -> tokens + end-of-document -> concat-then-split packing
+into sequences of seq_len+1 -> {inputs, targets, weights, target_bytes} -> batches.
+The training iterator is sharded by JAX process, shuffled with the run's seed, repeated
+forever, and its state is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset
+
+from bigmodel.config import ConfigError
+from bigmodel.data import text_files, tokenizers
+
+
+@dataclasses.dataclass
+class TextSource:
+    """The train and eval splits of a text dataset, plus an id that names its contents."""
+
+    train: Sequence[Any]
+    eval: Sequence[Any]
+    dataset_id: str
+    text_key: str
+
+
+def text_source(cfg: ml_collections.ConfigDict) -> TextSource:
+    """Open `config.data` as TFDS data sources (our text-files builder or any TFDS name)."""
+    if cfg.name == "text_files":
+        builder = text_files.prepare(cfg.source, cfg.data_dir)
+        return TextSource(
+            train=builder.as_data_source(split=cfg.train_split),
+            eval=builder.as_data_source(split=cfg.eval_split),
+            dataset_id=f"text_files/{builder.builder_config.name}/{builder.version}",
+            text_key="text",
+        )
+    try:
+        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ConfigError(
+            f"config.data.name={cfg.name!r} is not a known TFDS dataset ({str(e).splitlines()[0]}); "
+            "use 'text_files' for your own files or a TFDS name such as 'lm1b'"
+        ) from None
+    if not builder.is_prepared():
+        raise ConfigError(
+            f"TFDS dataset {cfg.name!r} is not prepared in data_dir={builder.data_dir_root!r} "
+            "(config.data.data_dir); prepare it there with "
+            f"`tfds build {cfg.name} --data_dir DIR --file_format array_record` on a machine with network"
+        )
+    try:
+        train, evals = (builder.as_data_source(split=s) for s in (cfg.train_split, cfg.eval_split))
+    except (ValueError, KeyError) as e:
+        raise ConfigError(
+            f"config.data.train_split/eval_split: {e}; available splits: {sorted(builder.info.splits)}"
+        ) from None
+    features = builder.info.features
+    if cfg.text_key not in features:
+        raise ConfigError(
+            f"config.data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; features: {sorted(features)}"
+        )
+    return TextSource(train, evals, f"{cfg.name}/{builder.version}", cfg.text_key)
+
+
+def make_tokenizer(cfg: ml_collections.ConfigDict, source: TextSource) -> tokenizers.Tokenizer:
+    """The configured tokenizer; SentencePiece is trained on the train split once and cached."""
+    if cfg.tokenizer == "byte":
+        return tokenizers.ByteTokenizer()
+    if cfg.tokenizer == "sentencepiece":
+        path = tokenizers.spm_path(cfg.data_dir or tfds.core.constants.DATA_DIR, source.dataset_id, cfg.spm_vocab_size)
+        if path.exists():
+            return tokenizers.SentencePieceTokenizer(path)
+        texts = (source.train[i][source.text_key] for i in range(len(source.train)))
+        return tokenizers.train_sentencepiece(texts, cfg.spm_vocab_size, path)
+    raise ConfigError(f"config.data.tokenizer={cfg.tokenizer!r}; use 'byte' or 'sentencepiece'")
+
+
+def _lm_example(token_bytes: np.ndarray) -> Callable[[dict], dict]:
+    def fn(packed: dict) -> dict:
+        tokens, segments = packed["tokens"], packed["tokens_segment_ids"]
+        targets = tokens[1:]
+        weights = (segments[1:] > 0).astype(np.float32)
+        return {
+            "inputs": tokens[:-1],
+            "targets": targets,
+            "weights": weights,
+            "target_bytes": token_bytes[targets].astype(np.float32) * weights,
+        }
+
+    return fn
+
+
+def lm_dataset(
+    docs: Sequence[Any],
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    text_key: str,
+    seq_len: int,
+    batch_size: int,
+    seed: int | None,
+    shard: tuple[int, int] = (0, 1),
+    prefetch: int = 0,
+) -> grain.IterDataset:
+    """Packed LM batches of `batch_size` from documents; seed=None means one ordered pass."""
+    index, count = shard
+    ds = grain.MapDataset.source(docs)[index::count]
+    if seed is not None:
+        ds = ds.shuffle(seed=seed).repeat(None)
+    eod = np.asarray([tokenizer.eod_id], np.int32)
+    ds = ds.map(lambda ex: {"tokens": np.concatenate([tokenizer.encode(ex[text_key]), eod])})
+    it = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+    it = it.map(_lm_example(tokenizer.token_bytes)).batch(batch_size, drop_remainder=True)
+    if prefetch:
+        it = ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+    return it
+
+
+def unigram_bits_per_byte(docs: Sequence[Any], text_key: str, max_bytes: int = 50_000_000) -> float:
+    """Entropy (bits) of the byte distribution of `docs`: the best any unigram model scores."""
+    counts = np.zeros(256, np.int64)
+    seen = 0
+    for i in range(len(docs)):
+        text = docs[i][text_key]
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        counts += np.bincount(np.frombuffer(data, np.uint8), minlength=256)
+        seen += len(data)
+        if seen >= max_bytes:
+            break
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+@dataclasses.dataclass
+class LMData:
+    """Everything the trainer needs from the LM data side."""
+
+    tokenizer: tokenizers.Tokenizer
+    train: grain.IterDataset  # host-local batches, infinite
+    eval_batches: Callable[[], Iterator[dict]]  # a fresh, identical pass each call
+    unigram_bpb: float  # baseline: unigram entropy of the evaluation bytes
+    dataset_id: str
+
+
+def lm_data(
+    cfg: ml_collections.ConfigDict, *, seed: int, local_batch: int, local_eval_batch: int,
+    num_eval_batches: int, shard: tuple[int, int],
+) -> LMData:
+    """Build the training and evaluation pipelines for language modelling."""
+    source = text_source(cfg)
+    tokenizer = make_tokenizer(cfg, source)
+    train = lm_dataset(
+        source.train, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
+        batch_size=local_batch, seed=seed, shard=shard, prefetch=cfg.prefetch,
+    )
+
+    def eval_batches() -> Iterator[dict]:
+        it = lm_dataset(
+            source.eval, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
+            batch_size=local_eval_batch, seed=None, shard=shard,
+        )
+        for i, batch in enumerate(it):
+            if i >= num_eval_batches:
+                return
+            yield batch
+
+    return LMData(tokenizer, train, eval_batches, unigram_bits_per_byte(source.eval, source.text_key),
+                  source.dataset_id)
+
+
+def bits_per_byte(nats_sum: float, bytes_sum: float) -> float:
+    """Convert a summed negative log-likelihood in nats to bits per UTF-8 byte."""
+    return nats_sum / math.log(2) / max(bytes_sum, 1.0)

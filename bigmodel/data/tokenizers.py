@@ -1,0 +1,125 @@
+"""Tokenizers: bytes (the default) and a SentencePiece BPE trained on the train split."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+
+
+class Tokenizer(Protocol):
+    """What the pipelines and `generate` need from a tokenizer."""
+
+    vocab_size: int  # ids are in [0, vocab_size)
+    eod_id: int  # appended to every document
+    token_bytes: np.ndarray  # [vocab_size] UTF-8 bytes each id stands for (0 for specials)
+
+    def encode(self, text: bytes | str) -> np.ndarray:
+        """Text -> int32 ids (no end-of-document token)."""
+        ...
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; special ids are dropped."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, end-of-document 256."""
+
+    vocab_size = 257
+    eod_id = 256
+
+    def __init__(self) -> None:
+        self.token_bytes = np.ones(self.vocab_size, np.int32)
+        self.token_bytes[self.eod_id] = 0
+
+    def encode(self, text: bytes | str) -> np.ndarray:
+        """Text -> its UTF-8 bytes as int32 ids."""
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return np.frombuffer(data, np.uint8).astype(np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text (invalid UTF-8 is replaced)."""
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model; lossless on code (identity normalisation, byte fallback)."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        self.path = str(model_path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = int(self.sp.get_piece_size())
+        self.eod_id = int(self.sp.eos_id())
+        self.token_bytes = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                continue
+            if self.sp.is_byte(i):
+                self.token_bytes[i] = 1
+            else:
+                self.token_bytes[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+    def encode(self, text: bytes | str) -> np.ndarray:
+        """Text -> int32 ids."""
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        return np.asarray(self.sp.encode(text), np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text."""
+        return self.sp.decode([int(i) for i in ids if int(i) != self.eod_id])
+
+
+def _lines(texts: Iterable[bytes | str], max_chars: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+                seen += len(line)
+                if seen >= max_chars:
+                    return
+
+
+def train_sentencepiece(
+    texts: Iterable[bytes | str], vocab_size: int, out_path: str | os.PathLike, max_chars: int = 20_000_000
+) -> SentencePieceTokenizer:
+    """Train a BPE SentencePiece model on the given documents and save it atomically."""
+    import sentencepiece as spm
+
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts, max_chars),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n", "    "],
+        pad_id=-1,
+        minloglevel=2,
+    )
+    with tempfile.NamedTemporaryFile(dir=out_path.parent, delete=False) as tmp:
+        tmp.write(model.getvalue())
+    os.replace(tmp.name, out_path)
+    return SentencePieceTokenizer(out_path)
+
+
+def spm_path(data_dir: str | os.PathLike, dataset_id: str, vocab_size: int) -> pathlib.Path:
+    """Where the SentencePiece model for a dataset and vocabulary size is cached."""
+    digest = hashlib.sha1(dataset_id.encode()).hexdigest()[:12]
+    return pathlib.Path(data_dir) / "bigmodel_spm" / f"{digest}_v{vocab_size}.model"

@@ -1,0 +1,78 @@
+"""Parameter counts, FLOPs per token, device peak FLOP/s and model FLOPs utilisation."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Dense peak FLOP/s per chip for bf16 matrix math (vendor figures), matched against
+# jax.Device.device_kind by substring, most specific first.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+)
+EMBEDDING_AXES = {"vocab", "pos"}
+
+
+def param_count(params: Any) -> int:
+    """Number of scalars in a (possibly boxed, possibly abstract) parameter tree."""
+    return sum(int(x.size) for x in jax.tree.leaves(nn.meta.unbox(params)))
+
+
+def embedding_param_count(boxed_params: Any) -> int:
+    """Scalars in parameters whose logical axes include 'vocab' or 'pos' (lookup tables)."""
+    total = 0
+    for leaf in jax.tree.leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        if isinstance(leaf, nn.Partitioned) and EMBEDDING_AXES & set(leaf.names):
+            total += int(leaf.value.size)
+    return total
+
+
+def gpt_flops_per_token(cfg: Any, params_nonembed: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·(non-embedding params + output head) + attention.
+
+    Attention adds 12·L·T·D per token (QK^T and AV, forward and backward, not halved for
+    the causal mask), the PaLM/Kaplan convention.
+    """
+    head = cfg.vocab_size * cfg.d_model
+    return 6.0 * (params_nonembed + head) + 12.0 * cfg.num_layers * seq_len * cfg.d_model
+
+
+@functools.lru_cache(maxsize=1)
+def measured_cpu_peak(n: int = 1536, repeats: int = 5) -> float:
+    """FLOP/s of a large float32 matmul on this CPU, measured once per process."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def peak_flops(devices: list | None = None) -> tuple[float, str]:
+    """(total peak FLOP/s over the devices, where the figure comes from)."""
+    devices = devices or jax.devices()
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        # Fake CPU devices share the same cores: the measured peak is for all of them.
+        return measured_cpu_peak(), "measured float32 matmul on this CPU"
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return flops * len(devices), f"table: {name}"
+    return float("nan"), f"no peak known for device kind {kind!r}"

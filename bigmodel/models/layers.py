@@ -1,0 +1,182 @@
+"""Building blocks shared by every model family.
+
+Einsum letters (one meaning everywhere in bigmodel.models):
+  B batch, T query length, S key/value length, D model width, N query heads,
+  K kv heads, H head dim, F MLP hidden, V vocab, C channels.
+
+Logical axis names. Weights: 'vocab', 'embed', 'mlp', 'heads', 'kv', 'pos', 'norm',
+'layers', 'classes', 'conv_in', 'conv_out'. Activations: 'act_batch', 'act_seq',
+'act_embed', 'act_mlp', 'act_heads', 'act_kv', 'act_vocab'. Their mapping onto mesh
+axes is `config.sharding.rules`; `constrain` and `check_rules` refuse a name with no
+rule, so a model cannot silently replicate a tensor by a typo.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str) -> Any:
+    """Map a config dtype string ('float32', 'bfloat16') to a jnp dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+    """Wrap an initializer so the parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding by logical names; unknown names are an error."""
+    rules = nn.get_logical_axis_rules()
+    if rules:
+        known = {rule[0] for rule in rules}
+        missing = [n for n in names if n is not None and n not in known]
+        if missing:
+            raise ValueError(
+                f"activation axis name(s) {missing} have no rule in config.sharding.rules; "
+                "add a rule such as ('" + missing[0] + "', None) to the config"
+            )
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def dense_init(scale: float = 1.0) -> Initializer:
+    """Normal(0, 0.02·scale) initialisation used by GPT-2 and BERT."""
+    return nn.initializers.normal(stddev=0.02 * scale)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with float32 statistics and logical names."""
+
+    epsilon: float = 1e-5  # GPT-2 uses 1e-5, BERT 1e-12
+    use_bias: bool = True
+    dtype: Any = jnp.float32  # output dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., D]."""
+        return nn.LayerNorm(
+            epsilon=self.epsilon,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            scale_init=partitioned(nn.initializers.ones, ("norm",)),
+            bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+        )(x)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward block D -> F -> D with GELU."""
+
+    d_ff: int  # F, hidden width
+    dropout: float = 0.0
+    out_init_scale: float = 1.0  # GPT-2 scales residual projections by 1/sqrt(2L)
+    dtype: Any = jnp.float32  # compute dtype
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        d_model = x.shape[-1]
+        h = nn.Dense(
+            self.d_ff,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=partitioned(dense_init(), ("embed", "mlp")),
+            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+            name="fc_in",
+        )(x)
+        h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+        h = nn.gelu(h, approximate=True)
+        h = nn.Dense(
+            d_model,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=partitioned(dense_init(self.out_init_scale), ("mlp", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="fc_out",
+        )(h)
+        return nn.Dropout(self.dropout, deterministic=not train)(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) through `jax.nn.dot_product_attention`."""
+
+    num_heads: int  # N
+    head_dim: int  # H
+    causal: bool = False
+    dropout: float = 0.0  # on the output projection (attention-prob dropout is not used)
+    out_init_scale: float = 1.0
+    dtype: Any = jnp.float32
+    use_bias: bool = True
+    implementation: str | None = None  # None lets JAX pick ('xla' on CPU, 'cudnn' where able)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S]."""
+        d_model = x.shape[-1]
+        context = x if context is None else context
+
+        def proj(name: str, inputs: jax.Array) -> jax.Array:
+            kernel = self.param(
+                f"{name}_kernel", partitioned(dense_init(), ("embed", "heads", "kv")),
+                (d_model, self.num_heads, self.head_dim),
+            )
+            y = jnp.einsum("bsd,dnh->bsnh", inputs.astype(self.dtype), kernel.astype(self.dtype))
+            if self.use_bias:
+                bias = self.param(
+                    f"{name}_bias", partitioned(nn.initializers.zeros, ("heads", "kv")), (self.num_heads, self.head_dim)
+                )
+                y = y + bias.astype(self.dtype)
+            return constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))
+
+        q, k, v = proj("query", x), proj("key", context), proj("value", context)
+        y = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
+        )  # [B, T, N, H]
+        y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        out = self.param(
+            "out_kernel", partitioned(dense_init(self.out_init_scale), ("heads", "kv", "embed")),
+            (self.num_heads, self.head_dim, d_model),
+        )
+        y = jnp.einsum("btnh,nhd->btd", y, out.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,)).astype(self.dtype)
+        return nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D] that can also act as the tied output head."""
+
+    vocab_size: int  # V
+    d_model: int  # D
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        """Create the [V, D] table."""
+        self.embedding = self.param(
+            "embedding", partitioned(dense_init(), ("vocab", "embed")), (self.vocab_size, self.d_model)
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """[B, T] int -> [B, T, D]."""
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> logits [B, T, V] with the transposed table."""
+        return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))
