@@ -59,7 +59,7 @@ def _node(config: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collection
             raise ConfigError(f"config.{'.'.join(parts[:depth])} is a value, not a group; cannot set {dotted!r}")
         if part not in node:
             raise ConfigError(
-                f"unknown config key config.{dotted!r}: {where} has no key {part!r}" + _suggest(part, list(node.keys()))
+                f"unknown config key 'config.{dotted}': {where} has no key {part!r}" + _suggest(part, list(node.keys()))
             )
         if depth < len(parts) - 1:
             node = node[part]

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense peak FLOP/s per chip for bf16 matrix math (vendor figures), matched against
 # jax.Device.device_kind by substring, most specific first.
@@ -52,17 +53,24 @@ def gpt_flops_per_token(cfg: Any, params_nonembed: int, seq_len: int) -> float:
 
 
 @functools.lru_cache(maxsize=1)
-def measured_cpu_peak(n: int = 1536, repeats: int = 5) -> float:
-    """FLOP/s of a large float32 matmul on this CPU, measured once per process."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
+def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of float32 matmuls on all CPU devices at once, measured once per process.
+
+    Fake CPU devices (--xla_force_host_platform_device_count) share the same cores, so
+    one matmul per device measures what the whole machine delivers.
+    """
+    devices = jax.devices()
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    a = jax.device_put(jnp.ones((len(devices), n, n), jnp.float32), sharded)
+    f = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=sharded)
+    f(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        f(a, a).block_until_ready()
+        f(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    return 2.0 * len(devices) * n**3 / best
 
 
 def peak_flops(devices: list | None = None) -> tuple[float, str]:

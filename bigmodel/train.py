@@ -131,7 +131,7 @@ def make_train_step(module: nn.Module, task: Any, tx: optax.GradientTransformati
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         mets = dict(mets)
-        mets["grad_norm"] = (optax.global_norm(grads), jnp.ones(()))
+        mets["grad_norm"] = (optax.tree.norm(grads), jnp.ones(()))
         mets["learning_rate"] = (schedule(state.step), jnp.ones(()))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
         return new_state, mets
@@ -276,12 +276,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     row.update({f"eval_{k}": v for k, v in last_eval.items()})
                 writer.write(step, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", **({"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if last_eval else {}))
-                window_start, window_steps = time.time(), 0
                 if not np.isfinite(row["loss"]):
                     raise FloatingPointError(
                         f"non-finite loss {row['loss']} at step {step}; last checkpoint: {ckpt.latest_step()}")
             if step % config.checkpoint.every == 0 or step == config.train.steps:
                 ckpt.save(step, state, train_iter, config.to_dict())
+            if window_steps == 0 or step % config.log.every == 0:
+                # Throughput windows exclude evaluation and the (synchronous part of) saving.
+                window_start, window_steps = time.time(), 0
         bar.close()
         ckpt.close()
         writer.close()

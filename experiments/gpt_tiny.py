@@ -24,6 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "text_files"  # our builder for text files; or a TFDS name such as 'lm1b'
     c.data.source = ""  # directory or glob for text_files; '' = this Python's stdlib sources
+    c.data.validation_fraction = 0.05  # text_files: share of files held out, chosen by path hash
     c.data.data_dir = ""  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
     c.data.train_split = "train"
     c.data.eval_split = "validation"

@@ -35,36 +35,37 @@ class TextSource:
 def text_source(cfg: ml_collections.ConfigDict) -> TextSource:
     """Open `config.data` as TFDS data sources (our text-files builder or any TFDS name)."""
     if cfg.name == "text_files":
-        builder = text_files.prepare(cfg.source, cfg.data_dir)
+        builder = text_files.prepare(cfg.source, cfg.data_dir, cfg.validation_fraction)
         return TextSource(
             train=builder.as_data_source(split=cfg.train_split),
             eval=builder.as_data_source(split=cfg.eval_split),
             dataset_id=f"text_files/{builder.builder_config.name}/{builder.version}",
             text_key="text",
         )
+    data_dir = cfg.data_dir or None
     try:
-        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
+        builder = tfds.builder(cfg.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ConfigError(
             f"config.data.name={cfg.name!r} is not a known TFDS dataset ({str(e).splitlines()[0]}); "
             "use 'text_files' for your own files or a TFDS name such as 'lm1b'"
         ) from None
-    if not builder.is_prepared():
+    try:
+        train, evals = (
+            tfds.data_source(cfg.name, split=s, data_dir=data_dir, download=False)
+            for s in (cfg.train_split, cfg.eval_split)
+        )
+    except (AssertionError, FileNotFoundError, NotImplementedError):
         raise ConfigError(
-            f"TFDS dataset {cfg.name!r} is not prepared in data_dir={builder.data_dir_root!r} "
+            f"TFDS dataset {cfg.name!r} is not prepared in data_dir={str(builder.data_dir_root)!r} "
             "(config.data.data_dir); prepare it there with "
             f"`tfds build {cfg.name} --data_dir DIR --file_format array_record` on a machine with network"
-        )
-    try:
-        train, evals = (builder.as_data_source(split=s) for s in (cfg.train_split, cfg.eval_split))
-    except (ValueError, KeyError) as e:
-        raise ConfigError(
-            f"config.data.train_split/eval_split: {e}; available splits: {sorted(builder.info.splits)}"
         ) from None
-    features = builder.info.features
-    if cfg.text_key not in features:
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"config.data.train_split/eval_split: {e}") from None
+    if len(train) and cfg.text_key not in train[0]:
         raise ConfigError(
-            f"config.data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; features: {sorted(features)}"
+            f"config.data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; features: {sorted(train[0])}"
         )
     return TextSource(train, evals, f"{cfg.name}/{builder.version}", cfg.text_key)
 

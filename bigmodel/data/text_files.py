@@ -46,14 +46,15 @@ def is_validation(relative_path: str, fraction: float) -> bool:
     return bucket < fraction * 10_000
 
 
-def config_name(source: str) -> str:
-    """A readable, unique TFDS config name for a source."""
+def config_name(source: str, validation_fraction: float = 0.05) -> str:
+    """A readable TFDS config name, unique per source and split fraction."""
+    split = "" if validation_fraction == 0.05 else f"_val{round(validation_fraction * 10_000)}"
     if not source:
         version = sysconfig.get_python_version().replace(".", "_")
-        return f"cpython_stdlib_{version}"
+        return f"cpython_stdlib_{version}{split}"
     digest = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
     stem = "".join(c if c.isalnum() else "_" for c in pathlib.Path(source.split("*")[0]).name)[:30]
-    return f"files_{stem}_{digest}"
+    return f"files_{stem}_{digest}{split}"
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
@@ -64,7 +65,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, source: str = "", validation_fraction: float = 0.05, **kwargs):
         self._source = source
         self._validation_fraction = validation_fraction
-        kwargs.setdefault("config", tfds.core.BuilderConfig(name=config_name(source)))
+        kwargs.setdefault("config", tfds.core.BuilderConfig(name=config_name(source, validation_fraction)))
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -83,9 +84,14 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, validation: bool):
         root, files = resolve_files(self._source)
-        for rel in files:
-            if is_validation(rel, self._validation_fraction) != validation:
-                continue
+        chosen = [rel for rel in files if is_validation(rel, self._validation_fraction) == validation]
+        if not chosen:
+            raise ValueError(
+                f"the {'validation' if validation else 'train'} split of {self._source or 'the stdlib'} would be "
+                f"empty ({len(files)} files, validation_fraction={self._validation_fraction}); "
+                "adjust config.data.validation_fraction or add files"
+            )
+        for rel in chosen:
             with open(os.path.join(root, rel), "rb") as f:
                 data = f.read()
             yield rel, {"text": data, "path": rel}
@@ -102,9 +108,9 @@ def _file_lock(path: pathlib.Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(source: str, data_dir: str) -> TextFiles:
+def prepare(source: str, data_dir: str, validation_fraction: float = 0.05) -> TextFiles:
     """Build the dataset once (under a file lock, so parallel processes wait) and return it."""
-    builder = TextFiles(source=source, data_dir=data_dir or None)
+    builder = TextFiles(source=source, validation_fraction=validation_fraction, data_dir=data_dir or None)
     with _file_lock(pathlib.Path(builder.data_dir_root) / f".{builder.builder_config.name}.lock"):
         builder.download_and_prepare(file_format="array_record")
     return builder

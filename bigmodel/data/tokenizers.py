@@ -107,6 +107,7 @@ def train_sentencepiece(
         byte_fallback=True,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
+        add_dummy_prefix=False,  # keeps token bytes summing to the text's bytes
         split_digits=True,
         allow_whitespace_only_pieces=True,
         user_defined_symbols=["\n", "    "],

@@ -1,0 +1,140 @@
+"""Text builder, tokenizers and the grain LM pipeline."""
+
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from bigmodel import config as config_lib
+from bigmodel.config import ConfigError
+from bigmodel.data import pipeline, text_files, tokenizers
+
+from conftest import GPT_TINY, SMALL_CORPUS
+
+
+def examples(split):
+    return [(ex["path"], ex["text"]) for ex in (split[i] for i in range(len(split)))]
+
+
+def test_builder_is_deterministic_and_splits_by_file(tmp_path):
+    a = text_files.prepare(SMALL_CORPUS, str(tmp_path / "a"), 0.2)
+    b = text_files.prepare(SMALL_CORPUS, str(tmp_path / "b"), 0.2)
+    for split in ("train", "validation"):
+        ea, eb = examples(a.as_data_source(split=split)), examples(b.as_data_source(split=split))
+        assert ea == eb and ea
+    train_paths = {p for p, _ in examples(a.as_data_source(split="train"))}
+    val_paths = {p for p, _ in examples(a.as_data_source(split="validation"))}
+    assert not train_paths & val_paths
+    _, files = text_files.resolve_files(SMALL_CORPUS)
+    assert train_paths | val_paths == {f.encode() for f in files}
+    assert all(text_files.is_validation(p.decode(), 0.2) for p in val_paths)
+
+
+def test_empty_split_is_refused(tmp_path):
+    with pytest.raises(Exception, match="validation split .* would be empty"):
+        text_files.prepare(SMALL_CORPUS, str(tmp_path), 0.0)
+
+
+def docs_of(texts):
+    return [{"text": t} for t in texts]
+
+
+def test_packing_loses_no_tokens():
+    tok = tokenizers.ByteTokenizer()
+    texts = [b"def f():\n    return 1\n", b"x" * 50, b"", "caf\u00e9 = 'b\u00e9b\u00e9'\n".encode(), b"y" * 7]
+    ds = pipeline.lm_dataset(docs_of(texts), tok, text_key="text", seq_len=16, batch_size=1, seed=None)
+    stream = []
+    for batch in ds:
+        inputs, targets, weights = batch["inputs"][0], batch["targets"][0], batch["weights"][0]
+        tokens = np.concatenate([inputs[:1], targets])
+        keep = np.concatenate([[True], weights > 0])
+        stream.extend(tokens[keep].tolist())
+        # bytes are counted exactly once per real target
+        np.testing.assert_array_equal(batch["target_bytes"][0], tok.token_bytes[targets] * weights)
+    expected = []
+    for t in texts:
+        expected.extend(list(t) + [tok.eod_id])
+    assert stream == expected
+
+
+def test_pipeline_resumes_at_the_same_batch():
+    tok = tokenizers.ByteTokenizer()
+    texts = [bytes([65 + i % 26]) * (10 + 3 * i) for i in range(40)]
+    ds = pipeline.lm_dataset(docs_of(texts), tok, text_key="text", seq_len=8, batch_size=2, seed=3)
+    it = iter(ds)
+    for _ in range(7):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(5)]
+    fresh = iter(ds)
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        np.testing.assert_array_equal(got["inputs"], want["inputs"])
+
+
+def test_shards_by_process_disjointly():
+    tok = tokenizers.ByteTokenizer()
+    texts = [bytes([65 + i]) * 9 for i in range(10)]
+    firsts = []
+    for index in range(2):
+        ds = pipeline.lm_dataset(docs_of(texts), tok, text_key="text", seq_len=9, batch_size=1, seed=None,
+                                 shard=(index, 2))
+        firsts.append({int(b["inputs"][0][0]) for b in ds})
+    assert firsts[0] and firsts[1] and not firsts[0] & firsts[1]
+    assert firsts[0] | firsts[1] == {65 + i for i in range(10)}
+
+
+def test_unigram_entropy():
+    assert pipeline.unigram_bits_per_byte(docs_of([b"aabb"]), "text") == pytest.approx(1.0)
+    assert pipeline.unigram_bits_per_byte(docs_of([b"abcd", b"efgh"]), "text") == pytest.approx(3.0)
+
+
+def test_sentencepiece_is_lossless_and_counts_bytes(tmp_path):
+    ds = text_files.prepare(SMALL_CORPUS, str(tmp_path), 0.2).as_data_source(split="train")
+    texts = [ds[i]["text"] for i in range(len(ds))]
+    tok = tokenizers.train_sentencepiece(texts, 512, tmp_path / "spm.model")
+    assert tok.vocab_size == 512
+    sample = "def parse(self, fp):\n        \"\"\"Parse a file \u00e9\"\"\"\n\treturn 42\n"
+    ids = tok.encode(sample)
+    assert tok.decode(ids) == sample
+    assert int(tok.token_bytes[ids].sum()) == len(sample.encode("utf-8"))
+    assert len(ids) < len(sample.encode("utf-8")) * 0.8  # it compresses
+
+
+def tiny_data_config(data_dir, **overrides):
+    c = config_lib.load(GPT_TINY + ":tiny").data
+    with c.unlocked():
+        c.update(overrides)
+    c.data_dir = data_dir
+    return c
+
+
+def test_lm_data_end_to_end(data_dir):
+    c = tiny_data_config(data_dir, source=SMALL_CORPUS, validation_fraction=0.2)
+    data = pipeline.lm_data(c, seed=0, local_batch=4, local_eval_batch=4, num_eval_batches=3, shard=(0, 1))
+    batch = next(iter(data.train))
+    assert batch["inputs"].shape == (4, c.seq_len) and batch["inputs"].dtype == np.int32
+    assert 3.5 < data.unigram_bpb < 6.0
+    first, second = list(data.eval_batches()), list(data.eval_batches())
+    assert len(first) == 3
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_tfds_dataset_by_name_with_mock_data(tmp_path):
+    c = tiny_data_config(str(tmp_path), name="lm1b", train_split="train", eval_split="test")
+    with tfds.testing.mock_data(num_examples=12):
+        data = pipeline.lm_data(c, seed=0, local_batch=2, local_eval_batch=2, num_eval_batches=2, shard=(0, 1))
+        batches = list(itertools.islice(iter(data.train), 3))
+    assert len(batches) == 3 and batches[0]["inputs"].shape == (2, c.seq_len)
+    assert data.dataset_id.startswith("lm1b/")
+
+
+def test_unknown_tfds_name_and_unprepared_dataset(tmp_path):
+    with pytest.raises(ConfigError, match="'lm1bb' is not a known TFDS dataset"):
+        pipeline.text_source(tiny_data_config(str(tmp_path), name="lm1bb"))
+    with pytest.raises(ConfigError, match=r"'lm1b' is not prepared in data_dir=.*tfds build lm1b"):
+        pipeline.text_source(tiny_data_config(str(tmp_path), name="lm1b"))

@@ -1,0 +1,101 @@
+"""Config loading, overrides and validation: every refusal names the key and the fix."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from bigmodel import config as config_lib
+from bigmodel.config import ConfigError
+
+from conftest import GPT_TINY
+
+
+def load(*overrides):
+    return config_lib.load(GPT_TINY + ":tiny", overrides)
+
+
+def test_overrides_keep_types():
+    c = load("train.steps=7", "optim.learning_rate=1e-2", "model.tie_embeddings=false", "data.source=/x/*.txt",
+             "optim.learning_rate=2")
+    assert c.train.steps == 7 and isinstance(c.train.steps, int)
+    assert c.optim.learning_rate == 2.0 and isinstance(c.optim.learning_rate, float)
+    assert c.model.tie_embeddings is False
+    assert c.data.source == "/x/*.txt"
+
+
+def test_variant_changes_the_config():
+    full, tiny = config_lib.load(GPT_TINY), load()
+    assert full.model.size == "tiny" and tiny.model.size == "nano"
+    assert tiny.train.steps < full.train.steps
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key.*'stepz'.*did you mean 'steps'"):
+        load("train.stepz=3")
+    with pytest.raises(ConfigError, match=r"unknown config key 'config.optimizer.learning_rate': config has no key 'optimizer'; did you mean 'optim'"):
+        load("optimizer.learning_rate=3")
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match=r"config.train.steps expects an int, got 'ten'"):
+        load("train.steps=ten")
+    with pytest.raises(ConfigError, match=r"config.train.steps expects an int, got '1.5'"):
+        load("train.steps=1.5")
+    with pytest.raises(ConfigError, match=r"config.model.tie_embeddings expects a bool"):
+        load("model.tie_embeddings=maybe")
+    with pytest.raises(ConfigError, match=r"config.model is a group"):
+        load("model=gpt")
+
+
+def test_missing_value_and_missing_file():
+    with pytest.raises(ConfigError, match="has no value"):
+        load("train.steps")
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_lib.load("experiments/nope.py")
+
+
+@pytest.mark.parametrize(
+    "overrides, devices, message",
+    [
+        (["mesh.data=3"], 8, r"data\*fsdp\*tensor = 3\*1\*1 = 3 but there are 8 devices"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], 8, r"only one axis may be -1"),
+        (["mesh.tensor=3"], 8, r"8 devices cannot be split"),
+        (["train.batch_size=12"], 8, r"batch_size=12 .* not divisible by the data-parallel size data\*fsdp=8"),
+        (["train.batch_size=8", "train.grad_accum=3"], 8, r"not divisible by config.train.grad_accum=3"),
+        (["train.batch_size=16", "train.grad_accum=4"], 8, r"microbatch 4 .* data\*fsdp=8"),
+        (["eval.batch_size=4"], 8, r"config.eval.batch_size=4 is not divisible"),
+        (["mesh.data=1", "mesh.tensor=8"], 8, r"num_heads=4 is not divisible by the tensor axis"),
+        (["data.seq_len=512"], 8, r"seq_len=512 is longer than the model allows \(config.model.max_len=128\)"),
+        (["model.dtype=float8"], 8, r"config.model.dtype='float8'"),
+        (["eval.every=7"], 8, r"eval.every=7 must be a multiple of config.log.every=5"),
+    ],
+)
+def test_validation_errors(overrides, devices, message):
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(load(*overrides), devices)
+
+
+def test_valid_config_resolves_the_mesh():
+    assert config_lib.validate(load("mesh.fsdp=2"), 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+def test_rules_must_name_mesh_axes():
+    c = load()
+    with c.unlocked():
+        c.sharding.rules = (("embed", "model"),)
+    with pytest.raises(ConfigError, match=r"maps 'embed' to unknown mesh axis 'model'"):
+        config_lib.validate(c, 8)
+
+
+@given(st.integers(min_value=-(10**12), max_value=10**12))
+def test_int_override_roundtrip(value):
+    assert load(f"train.steps={value}").train.steps == value
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_float_override_roundtrip(value):
+    assert load(f"optim.learning_rate={value!r}").optim.learning_rate == value
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
+def test_string_override_is_verbatim(value):
+    assert load(f"data.source={value}").data.source == value
