@@ -1,11 +1,14 @@
-"""Orbax checkpoints of the train state, the data iterator and the resolved config."""
+"""Orbax checkpoints of the train state, the data iterator and the resolved config.
+
+The data iterator's state is the same on every process (see bigmodel.data.pipeline), so
+it is saved once as JSON and restores onto any number of processes.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -32,7 +35,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iter),
+                data=ocp.args.JsonSave(data_iter.get_state()),
                 config=ocp.args.JsonSave(config),
             ),
             force=True,
@@ -42,8 +45,10 @@ class Checkpointer:
         """Restore the state onto the shardings in `abstract_state` (and the iterator in place)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iter is not None:
+            data_iter.set_state(restored["data"])
         return restored["state"]
 
     def wait(self) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
 from bigmodel.config import ConfigError
+
+# Modules that add their own subcommands through `register(subparsers)`.
+COMMAND_MODULES = ("bigmodel.scaling.cli",)
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -68,12 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_generate)
 
-    try:
-        from bigmodel.scaling import cli as scaling_cli
-    except ImportError:  # the scaling package is optional during partial installs
-        scaling_cli = None
-    if scaling_cli is not None and hasattr(scaling_cli, "register"):
-        scaling_cli.register(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -200,12 +200,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     mesh, rules, module, task, tx, schedule = setup_model(config, mesh_sizes)
 
-    # Data: each process reads its own share of every global batch.
-    nproc = jax.process_count()
+    # Data: each process keeps its own rows of every global batch.
     data = pipeline.lm_data(
-        config.data, seed=config.seed, local_batch=config.train.batch_size // nproc,
-        local_eval_batch=config.eval.batch_size // nproc, num_eval_batches=config.eval.num_batches,
-        shard=(jax.process_index(), nproc),
+        config.data, seed=config.seed, batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size,
+        num_eval_batches=config.eval.num_batches, shard=(jax.process_index(), jax.process_count()),
     )
     if data.tokenizer.vocab_size > config.model.vocab_size:
         raise config_lib.ConfigError(

@@ -2,8 +2,14 @@
 
 Language modelling: documents -> tokens + end-of-document -> concat-then-split packing
 into sequences of seq_len+1 -> {inputs, targets, weights, target_bytes} -> batches.
-The training iterator is sharded by JAX process, shuffled with the run's seed, repeated
-forever, and its state is saved in checkpoints.
+The training iterator is shuffled with the run's seed, repeated forever, and its state
+is saved in checkpoints.
+
+Sharding by process: every process runs the same pipeline and keeps its own rows of
+each global batch. The global batches are therefore identical for any number of
+processes, and a checkpoint resumes on a different topology with the same data order
+(the iterator state is the same on every process). Tokenising and packing are cheap
+next to a train step, so the repeated host work is small.
 """
 
 from __future__ import annotations
@@ -109,15 +115,20 @@ def lm_dataset(
     shard: tuple[int, int] = (0, 1),
     prefetch: int = 0,
 ) -> grain.IterDataset:
-    """Packed LM batches of `batch_size` from documents; seed=None means one ordered pass."""
+    """This process's rows of packed global LM batches; seed=None means one ordered pass."""
     index, count = shard
-    ds = grain.MapDataset.source(docs)[index::count]
+    if batch_size % count:
+        raise ValueError(f"global batch {batch_size} is not divisible by the {count} processes")
+    rows = slice(index * batch_size // count, (index + 1) * batch_size // count)
+    ds = grain.MapDataset.source(docs)
     if seed is not None:
         ds = ds.shuffle(seed=seed).repeat(None)
     eod = np.asarray([tokenizer.eod_id], np.int32)
     ds = ds.map(lambda ex: {"tokens": np.concatenate([tokenizer.encode(ex[text_key]), eod])})
     it = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
     it = it.map(_lm_example(tokenizer.token_bytes)).batch(batch_size, drop_remainder=True)
+    if count > 1:
+        it = it.map(lambda batch: {k: v[rows] for k, v in batch.items()})
     if prefetch:
         it = ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
     return it
@@ -150,7 +161,7 @@ class LMData:
 
 
 def lm_data(
-    cfg: ml_collections.ConfigDict, *, seed: int, local_batch: int, local_eval_batch: int,
+    cfg: ml_collections.ConfigDict, *, seed: int, batch_size: int, eval_batch_size: int,
     num_eval_batches: int, shard: tuple[int, int],
 ) -> LMData:
     """Build the training and evaluation pipelines for language modelling."""
@@ -158,13 +169,13 @@ def lm_data(
     tokenizer = make_tokenizer(cfg, source)
     train = lm_dataset(
         source.train, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
-        batch_size=local_batch, seed=seed, shard=shard, prefetch=cfg.prefetch,
+        batch_size=batch_size, seed=seed, shard=shard, prefetch=cfg.prefetch,
     )
 
     def eval_batches() -> Iterator[dict]:
         it = lm_dataset(
             source.eval, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
-            batch_size=local_eval_batch, seed=None, shard=shard,
+            batch_size=eval_batch_size, seed=None, shard=shard,
         )
         for i, batch in enumerate(it):
             if i >= num_eval_batches:

@@ -75,16 +75,17 @@ def test_pipeline_resumes_at_the_same_batch():
         np.testing.assert_array_equal(got["inputs"], want["inputs"])
 
 
-def test_shards_by_process_disjointly():
+def test_processes_split_each_global_batch():
     tok = tokenizers.ByteTokenizer()
-    texts = [bytes([65 + i]) * 9 for i in range(10)]
-    firsts = []
-    for index in range(2):
-        ds = pipeline.lm_dataset(docs_of(texts), tok, text_key="text", seq_len=9, batch_size=1, seed=None,
-                                 shard=(index, 2))
-        firsts.append({int(b["inputs"][0][0]) for b in ds})
-    assert firsts[0] and firsts[1] and not firsts[0] & firsts[1]
-    assert firsts[0] | firsts[1] == {65 + i for i in range(10)}
+    texts = [bytes([65 + i % 26]) * (5 + 2 * i) for i in range(30)]
+    whole = list(itertools.islice(pipeline.lm_dataset(
+        docs_of(texts), tok, text_key="text", seq_len=8, batch_size=4, seed=1), 6))
+    parts = [list(itertools.islice(pipeline.lm_dataset(
+        docs_of(texts), tok, text_key="text", seq_len=8, batch_size=4, seed=1, shard=(i, 2)), 6)) for i in range(2)]
+    for step, batch in enumerate(whole):
+        joined = np.concatenate([parts[0][step]["inputs"], parts[1][step]["inputs"]])
+        np.testing.assert_array_equal(joined, batch["inputs"])
+        assert parts[0][step]["inputs"].shape == (2, 8)
 
 
 def test_unigram_entropy():
@@ -114,7 +115,7 @@ def tiny_data_config(data_dir, **overrides):
 
 def test_lm_data_end_to_end(data_dir):
     c = tiny_data_config(data_dir, source=SMALL_CORPUS, validation_fraction=0.2)
-    data = pipeline.lm_data(c, seed=0, local_batch=4, local_eval_batch=4, num_eval_batches=3, shard=(0, 1))
+    data = pipeline.lm_data(c, seed=0, batch_size=4, eval_batch_size=4, num_eval_batches=3, shard=(0, 1))
     batch = next(iter(data.train))
     assert batch["inputs"].shape == (4, c.seq_len) and batch["inputs"].dtype == np.int32
     assert 3.5 < data.unigram_bpb < 6.0
@@ -127,7 +128,7 @@ def test_lm_data_end_to_end(data_dir):
 def test_tfds_dataset_by_name_with_mock_data(tmp_path):
     c = tiny_data_config(str(tmp_path), name="lm1b", train_split="train", eval_split="test")
     with tfds.testing.mock_data(num_examples=12):
-        data = pipeline.lm_data(c, seed=0, local_batch=2, local_eval_batch=2, num_eval_batches=2, shard=(0, 1))
+        data = pipeline.lm_data(c, seed=0, batch_size=2, eval_batch_size=2, num_eval_batches=2, shard=(0, 1))
         batches = list(itertools.islice(iter(data.train), 3))
     assert len(batches) == 3 and batches[0]["inputs"].shape == (2, c.seq_len)
     assert data.dataset_id.startswith("lm1b/")
