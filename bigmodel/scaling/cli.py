@@ -1,0 +1,136 @@
+"""`bigmodel scaling ...` commands.
+
+    bigmodel scaling fit RESULTS.csv --out OUTDIR [--budgets 1e18,1e20] [--bootstrap N] [--seed S]
+
+writes OUTDIR/fit.json and PNG plots and prints a summary table. Further subcommands
+(`report`, `coordcheck`) hang off the same `scaling` parser: add a function like
+`_add_fit` and call it from `register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from bigmodel.scaling import fit as fitlib
+
+STARTS = {"hoffmann": fitlib.hoffmann_grid, "small": fitlib.small_grid}
+
+
+def parse_budgets(text: str) -> list[float]:
+    """Comma-separated positive FLOP budgets, e.g. '1e20,1e21'."""
+    budgets = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"budget {item!r} is not a number; write budgets like 1e20,3e21") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"budget {item!r} must be a positive FLOP count")
+        budgets.append(value)
+    if not budgets:
+        raise argparse.ArgumentTypeError("no budgets given; write budgets like 1e20,3e21")
+    return budgets
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `scaling` command (with its subcommands) to a `bigmodel` sub-parser set."""
+    scaling = subparsers.add_parser(
+        "scaling", help="fit and read scaling laws",
+        description="Scaling-law tools: fit laws to a sweep's results.csv, draw the plots.")
+    commands = scaling.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND",
+                                      required=True)
+    _add_fit(commands)
+    return scaling
+
+
+def _add_fit(commands: argparse._SubParsersAction) -> None:
+    """The `scaling fit` subcommand."""
+    p = commands.add_parser(
+        "fit", help="fit Chinchilla/Kaplan laws to a results CSV",
+        description="Fit Chinchilla approaches 1-3 and Kaplan power laws to a results CSV with "
+                    "columns params, tokens, loss (flops optional, else 6*N*D). Writes "
+                    "OUTDIR/fit.json and PNG plots, and prints a summary.")
+    p.add_argument("results", type=Path, metavar="RESULTS.csv", help="one row per training run")
+    p.add_argument("--out", type=Path, required=True, metavar="OUTDIR",
+                   help="directory for fit.json and the plots (created if missing)")
+    p.add_argument("--budgets", type=parse_budgets, default=None, metavar="C1,C2,...",
+                   help="FLOP budgets (6*N*D) for compute-optimal predictions "
+                        "[default: 1x, 10x, 100x, 1000x the largest run, rounded to a power of 10]")
+    p.add_argument("--bootstrap", type=_non_negative_int, default=100, metavar="N",
+                   help="bootstrap resamples for approach-3 intervals; 0 for none [default: %(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap random seed [default: %(default)s]")
+    p.add_argument("--starts", choices=sorted(STARTS), default="hoffmann",
+                   help="approach-3 initialisations: Hoffmann et al.'s 4,500-point grid, or 32 "
+                        "corners of it for a quick look [default: %(default)s]")
+    p.add_argument("--flops-rtol", type=_positive_float, default=fitlib.DEFAULT_FLOPS_RTOL,
+                   metavar="R", help="runs whose flops differ by at most this fraction share an "
+                                     "isoFLOP budget [default: %(default)s]")
+    p.add_argument("--no-plots", action="store_true", help="write fit.json only")
+    p.set_defaults(func=run_fit)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """Run `bigmodel scaling fit`; bad input exits with a one-line error."""
+    t0 = time.perf_counter()
+    try:
+        data = fitlib.read_results(args.results)
+        print(f"fitting {len(data)} runs from {args.results} ...", file=sys.stderr)
+        report = fitlib.fit_all(
+            data, budgets=args.budgets, n_bootstrap=args.bootstrap, seed=args.seed,
+            starts=STARTS[args.starts](), flops_rtol=args.flops_rtol, progress=True)
+    except fitlib.ScalingDataError as e:
+        raise SystemExit(f"bigmodel scaling fit: error: {e}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        from bigmodel.scaling import plot
+
+        report.plots = plot.plot_all(report, args.out)
+    result = report.to_json()
+    result["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    (args.out / "fit.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(fitlib.format_report(report))
+    print(f"\nwrote {args.out / 'fit.json'} ({result['wall_time_s']:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: python -m bigmodel.scaling.cli fit RESULTS.csv --out OUTDIR."""
+    parser = argparse.ArgumentParser(prog="bigmodel")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["scaling", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
