@@ -7,11 +7,20 @@ from typing import Callable
 import flax.linen as nn
 import ml_collections
 
-from bigmodel.models import gpt
+from bigmodel.models import bert, gpt, resnet, rnn, transformer, vit
 
 # family name -> (config-from-size, module-from-config)
 FAMILIES: dict[str, tuple[Callable[[str], ml_collections.ConfigDict], Callable[[ml_collections.ConfigDict], nn.Module]]] = {
     "gpt": (gpt.model_config, lambda c: gpt.GPT(gpt.GPTConfig.from_config(c))),
+    "bert": (bert.model_config, bert.build),  # head 'mlm' -> BertMLM, 'classify' -> BertClassifier
+    "transformer": (
+        transformer.model_config,
+        lambda c: transformer.Transformer(transformer.TransformerConfig.from_config(c)),
+    ),
+    "vit": (vit.model_config, lambda c: vit.ViT(vit.ViTConfig.from_config(c))),
+    "resnet": (resnet.model_config, lambda c: resnet.ResNet(resnet.ResNetConfig.from_config(c))),
+    "cnn": (resnet.cnn_model_config, lambda c: resnet.CNN(resnet.CNNConfig.from_config(c))),
+    "rnn": (rnn.model_config, rnn.build),  # cell 'lstm' | 'gru'; head 'lm' -> RNNLM, 'classify' -> RNNClassifier
 }
 
 
