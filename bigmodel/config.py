@@ -193,6 +193,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
             f"config.eval.every={config.eval.every} must be a multiple of config.log.every={config.log.every} "
             "(evaluation results are logged on the same metrics row)"
         )
+    choices = {"train.on_nonfinite": ("halt", "skip"), "checkpoint.on_error": ("stop", "continue")}
+    for key, allowed in choices.items():
+        group, leaf = key.split(".")
+        if config[group][leaf] not in allowed:
+            raise ConfigError(f"config.{key}={config[group][leaf]!r}; use one of {allowed}")
+    if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
+        raise ConfigError("config.checkpoint.every and config.checkpoint.keep must be positive")
     rules = dict(config.sharding.rules)
     for name, axes in rules.items():
         for axis in (axes,) if isinstance(axes, (str, type(None))) else axes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import platform
@@ -51,17 +52,21 @@ class MetricsWriter:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(workdir), flush_secs=10)
+        # purge_step makes TensorBoard drop points after the resume step from older event files.
+        self._tb = SummaryWriter(str(workdir), flush_secs=10, purge_step=resume_step + 1 if resume_step else None)
         self._file = open(self.path, "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Log one row: {'step': step, **scalars}."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        # Non-finite values become null: NaN/Infinity are not JSON.
+        row = {"step": int(step), **{k: float(v) if math.isfinite(v) else None for k, v in scalars.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for key, value in scalars.items():
+            if not math.isfinite(value):
+                continue
             tag = key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
             self._tb.add_scalar(tag, float(value), int(step))
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -38,6 +41,7 @@ class TrainState:
     params: Any
     opt_state: Any
     model_state: Any  # mutable collections such as batch_stats; {} for most models
+    skipped_steps: jax.Array  # updates dropped for non-finite loss/gradients (train.on_nonfinite='skip')
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -66,7 +70,8 @@ def init_fn(module: nn.Module, task: Any, tx: optax.GradientTransformation, dumm
         variables = module.init({"params": rng, "dropout": rng}, *task.model_inputs(dummy), train=False)
         variables = dict(variables)
         params = variables.pop("params")
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), model_state=variables)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          model_state=variables, skipped_steps=jnp.zeros((), jnp.int32))
 
     return init
 
@@ -98,8 +103,12 @@ def _apply(module: nn.Module, task: Any, params: Any, model_state: Any, batch: d
 
 
 def make_train_step(module: nn.Module, task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int) -> Callable:
-    """(state, batch, rng) -> (state, metrics); gradients accumulated over microbatches."""
+                    grad_accum: int, skip_nonfinite: bool = False) -> Callable:
+    """(state, batch, rng) -> (state, metrics); gradients accumulated over microbatches.
+
+    With skip_nonfinite, an update whose loss or gradient norm is not finite is dropped
+    (parameters and optimizer state kept) and counted in `skipped_steps`.
+    """
     grad_fn = jax.value_and_grad(
         lambda p, ms, b, r: _apply(module, task, p, ms, b, r, train=True), has_aux=True
     )
@@ -130,10 +139,21 @@ def make_train_step(module: nn.Module, task: Any, tx: optax.GradientTransformati
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(mets["loss"][0]) & jnp.isfinite(grad_norm)
+        skipped = state.skipped_steps
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            model_state = keep(model_state, state.model_state)
+            skipped = skipped + (~finite).astype(jnp.int32)
         mets = dict(mets)
-        mets["grad_norm"] = (optax.tree.norm(grads), jnp.ones(()))
-        mets["learning_rate"] = (schedule(state.step), jnp.ones(()))
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+        one = jnp.ones(())
+        mets["grad_norm"] = (grad_norm, one)
+        mets["learning_rate"] = (schedule(state.step), one)
+        mets["nonfinite"] = ((~finite).astype(jnp.float32), one)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
+                               skipped_steps=skipped)
         return new_state, mets
 
     return step
@@ -182,21 +202,107 @@ def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]):
     return mesh, rules, module, task, tx, schedule
 
 
+# --------------------------------------------------------------------------- faults
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the Slurm launcher requeues on it
+# Keys whose change makes a checkpoint meaningless for the new config.
+INCOMPATIBLE_KEYS = ("task", "model", "data.name", "data.source", "data.tokenizer", "data.spm_vocab_size",
+                     "data.seq_len", "data.text_key", "data.validation_fraction")
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients stopped being finite."""
+
+
+class IncompatibleResume(config_lib.ConfigError):
+    """The workdir holds a run whose config cannot continue under the new one."""
+
+
+class PreemptionWatch:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "PreemptionWatch":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, step: int) -> bool:
+        """True once every process should stop at this step."""
+        if jax.process_count() > 1:
+            # All hosts agree on the step to stop at (JAX's preemption sync service).
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step) or self.signal is not None
+        return self.signal is not None
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def incompatible_keys(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved, new) for each key that may not change across a resume."""
+    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(new)))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or key.startswith(k + ".") for k in INCOMPATIBLE_KEYS) and a.get(key) != b.get(key):
+            diffs.append((key, a.get(key), b.get(key)))
+    return diffs
+
+
+def start_over(workdir: pathlib.Path) -> pathlib.Path | None:
+    """Move a previous run's checkpoints and logs into WORKDIR/previous-TIME/ (nothing is deleted)."""
+    names = ["checkpoints", "metrics.jsonl", "summary.json", *[p.name for p in workdir.glob("events.out.tfevents.*")]]
+    present = [n for n in names if (workdir / n).exists()]
+    if not present or jax.process_index() != 0:
+        return None
+    target = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
+    target.mkdir()
+    for name in present:
+        os.replace(workdir / name, target / name)
+    return target
+
+
 # --------------------------------------------------------------------------- 4-6. the run
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (or resume) the run described by `config` in `workdir`; returns final metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict[str, float]:
+    """Train (or resume) the run described by `config` in `workdir`; returns final metrics.
+
+    Raises Preempted (after checkpointing) on SIGTERM/SIGINT, NonFiniteError on a
+    non-finite loss (unless train.on_nonfinite='skip'), checkpoint.CheckpointError when a
+    save fails and checkpoint.on_error='stop', IncompatibleResume for a mismatched workdir.
+    """
     wall_start = time.time()
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     mesh_sizes = config_lib.validate(config, jax.device_count())
+    if restart and (moved := start_over(workdir_path)):
+        print(f"moved the previous run to {moved}", flush=True)
     header = metrics.run_header() | {"mesh": mesh_sizes}
-    if lead:
-        write_json(workdir_path / "config.json", config.to_dict())
-        write_json(workdir_path / "run_info.json", header)
-        print(f"bigmodel run in {workdir}: {json.dumps(header)}", flush=True)
 
     mesh, rules, module, task, tx, schedule = setup_model(config, mesh_sizes)
 
@@ -212,28 +318,45 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         )
     train_iter = iter(data.train)
 
-    # State: sharded init, then restore the newest checkpoint if the workdir has one.
+    # State: sharded init, then restore the newest intact checkpoint if the workdir has one.
     root = jax.random.key(config.seed)
     dummy = task.dummy_batch(config.train.batch_size // config.train.grad_accum, config.data.seq_len)
     state, shardings, abstract = sharded_init(init_fn(module, task, tx, dummy), jax.random.fold_in(root, 0), mesh, rules)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-        state = ckpt.restore(start_step, checkpoint.abstract_with_shardings(state, shardings), train_iter)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        saved = ckpt.saved_config(latest)
+        diffs = incompatible_keys(saved, config.to_dict()) if saved else []
+        if diffs:
+            ckpt.close()
+            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
+            raise IncompatibleResume(
+                f"{workdir} holds a run (step {latest}) whose config differs in keys that cannot change on "
+                f"resume: {lines}. Use another --workdir, undo the change, or pass --restart to move the old "
+                "run aside and start over"
+            )
+    restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(state, shardings), train_iter)
+    start_step = 0
+    if restored:
+        start_step, state = restored
         if lead:
-            print(f"resumed from {ckpt.directory}/{start_step}", flush=True)
+            print(f"resumed from {ckpt.step_dir(start_step)}", flush=True)
+    if lead:
+        write_json(workdir_path / "config.json", config.to_dict())
+        write_json(workdir_path / "run_info.json", header)
+        print(f"bigmodel run in {workdir}: {json.dumps(header)}", flush=True)
     params_total = flops.param_count(abstract.params)
     params_embed = flops.embedding_param_count(abstract.params)
 
     # Steps: compiled ahead of time so compile time is measured apart from step time.
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
+    skip_nonfinite = config.train.on_nonfinite == "skip"
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compile_start = time.time()
-        first_local = next(train_iter)
-        first = sharding.global_batch(first_local, mesh)
+        first = sharding.global_batch(next(train_iter), mesh)
         train_step = jax.jit(
-            make_train_step(module, task, tx, schedule, config.train.grad_accum),
+            make_train_step(module, task, tx, schedule, config.train.grad_accum, skip_nonfinite),
             in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl), donate_argnums=0,
         ).lower(state, first, jax.random.fold_in(root, 1)).compile()
         compile_s = time.time() - compile_start
@@ -251,40 +374,82 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                   f"{flops_per_step / tokens_per_step / 1e6:.2f} MFLOP/token; compile {compile_s:.1f}s; "
                   f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", flush=True)
 
-        # The loop.
+        # The loop. Checks that need the host (non-finite values, preemption) happen at log
+        # and save boundaries so the device queue stays full in between.
         writer = metrics.MetricsWriter(workdir, start_step, enabled=lead)
         bar = tqdm.tqdm(total=config.train.steps, initial=start_step, disable=not (lead and config.log.progress),
                         unit="step", dynamic_ncols=True, mininterval=1.0)
         step, pending, window_start, window_steps = start_step, first, time.time(), 0
         last_eval: dict[str, float] = {}
-        while step < config.train.steps:
-            batch = pending if pending is not None else sharding.global_batch(next(train_iter), mesh)
-            pending = None
-            state, mets = train_step(state, batch, jax.random.fold_in(root, 1))
-            step += 1
-            window_steps += 1
-            bar.update(1)
-            if step % config.log.every == 0 or step == config.train.steps:
-                row = _scalars(mets)
-                elapsed = max(time.time() - window_start, 1e-9)
-                row["tokens_per_s"] = window_steps * tokens_per_step / elapsed
-                row["mfu"] = window_steps * flops_per_step / elapsed / peak
-                if step % config.eval.every == 0 or step == config.train.steps:
-                    last_eval = evaluate(eval_step, state, data.eval_batches(), mesh)
-                    row.update({f"eval_{k}": v for k, v in last_eval.items()})
-                writer.write(step, row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", **({"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if last_eval else {}))
-                if not np.isfinite(row["loss"]):
-                    raise FloatingPointError(
-                        f"non-finite loss {row['loss']} at step {step}; last checkpoint: {ckpt.latest_step()}")
-            if step % config.checkpoint.every == 0 or step == config.train.steps:
-                ckpt.save(step, state, train_iter, config.to_dict())
-            if window_steps == 0 or step % config.log.every == 0:
-                # Throughput windows exclude evaluation and the (synchronous part of) saving.
-                window_start, window_steps = time.time(), 0
+        flags: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) since the last check
+
+        def check_finite() -> None:
+            bad = [s for s, f in zip([s for s, _ in flags], jax.device_get([f for _, f in flags])) if f > 0]
+            flags.clear()
+            if bad and not skip_nonfinite:
+                good = ckpt.latest_step()
+                where = f"the last good checkpoint is {ckpt.step_dir(good)}" if good is not None else "no checkpoint yet"
+                raise NonFiniteError(
+                    f"non-finite loss or gradients in step {bad[0]}; halted without saving; {where}. Lower optim.learning_rate, or set "
+                    "train.on_nonfinite='skip' to drop such updates"
+                )
+
+        def checkpoint_guard(action: Callable[[], None]) -> None:
+            try:
+                action()
+            except checkpoint.CheckpointError as e:
+                if config.checkpoint.on_error == "stop":
+                    raise
+                print(f"warning: {e}; training continues and the next save retries", file=sys.stderr, flush=True)
+
+        def save(at: int) -> None:
+            checkpoint_guard(lambda: ckpt.save(at, state, train_iter, config.to_dict()))
+
+        with PreemptionWatch() as watch:
+            while step < config.train.steps:
+                batch = pending if pending is not None else sharding.global_batch(next(train_iter), mesh)
+                pending = None
+                state, mets = train_step(state, batch, jax.random.fold_in(root, 1))
+                step += 1
+                window_steps += 1
+                flags.append((step, mets["nonfinite"][0]))
+                bar.update(1)
+                is_last = step == config.train.steps
+                if step % config.log.every == 0 or is_last:
+                    check_finite()
+                    row = _scalars(mets)
+                    row.pop("nonfinite")
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    row["tokens_per_s"] = window_steps * tokens_per_step / elapsed
+                    row["mfu"] = window_steps * flops_per_step / elapsed / peak
+                    if skip_nonfinite:
+                        row["skipped_steps"] = int(state.skipped_steps)
+                    if step % config.eval.every == 0 or is_last:
+                        if lead:
+                            tqdm.tqdm.write(f"step {step}: evaluating on {config.eval.num_batches} batches", file=sys.stdout)
+                        last_eval = evaluate(eval_step, state, data.eval_batches(), mesh)
+                        row.update({f"eval_{k}": v for k, v in last_eval.items()})
+                    writer.write(step, row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}",
+                                    **({"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if last_eval else {}))
+                preempt = watch.requested(step)
+                if step % config.checkpoint.every == 0 or is_last or preempt:
+                    check_finite()
+                    save(step)
+                if preempt:
+                    bar.close()
+                    writer.close()
+                    ckpt.close()  # a failed save raises here, before we claim it was saved
+                    raise Preempted(
+                        f"stopped by signal {watch.signal} after step {step}; checkpoint {ckpt.step_dir(step)} "
+                        "saved. Run the same command again to resume"
+                    )
+                if window_steps == 0 or step % config.log.every == 0:
+                    # Throughput windows exclude evaluation and the (synchronous part of) saving.
+                    window_start, window_steps = time.time(), 0
         bar.close()
-        ckpt.close()
         writer.close()
+        checkpoint_guard(ckpt.close)
 
     if not last_eval:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -298,6 +463,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         "params_nonembed": params_total - params_embed,
         "tokens": step * tokens_per_step,
         "flops": step * flops_per_step,
+        "skipped_steps": int(state.skipped_steps),
         "wall_s": time.time() - wall_start,
         "compile_s": compile_s,
     }

@@ -49,6 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.steps = 1200
     c.train.batch_size = 32
     c.train.grad_accum = 1
+    c.train.on_nonfinite = "halt"  # 'halt' names the step and stops; 'skip' drops that update and counts it
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 400
@@ -59,6 +60,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint.every = 400
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
+    c.checkpoint.on_error = "stop"  # 'stop' or 'continue' (warn and retry at the next save)
 
     c.log = ml_collections.ConfigDict()
     c.log.every = 20
