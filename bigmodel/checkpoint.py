@@ -178,6 +178,10 @@ class Checkpointer:
             data_iter.set_state(restored["data"])
         return restored["state"]
 
+    def restore_raw(self, step: int) -> Any:
+        """The saved train state as a tree of host arrays (no target structure needed)."""
+        return ocp.StandardCheckpointer().restore(self.step_dir(step) / "state")
+
     def saved_config(self, step: int) -> dict | None:
         """The config stored with a checkpoint, if readable."""
         path = self.step_dir(step) / "config" / "metadata"

@@ -26,8 +26,7 @@ import optax
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bigmodel import checkpoint, config as config_lib, flops, metrics, models, sharding, tasks
-from bigmodel.data import pipeline
+from bigmodel import checkpoint, config as config_lib, data as data_lib, flops, metrics, models, sharding, tasks
 
 
 # --------------------------------------------------------------------------- 1. state
@@ -163,8 +162,7 @@ def make_eval_step(module: nn.Module, task: Any) -> Callable:
     """(state, batch) -> summed metrics, deterministic (no dropout, running statistics)."""
 
     def step(state: TrainState, batch: dict) -> dict:
-        _, (mets, _) = _apply(module, task, state.params, state.model_state, batch, jax.random.key(0), train=False)
-        return mets
+        return task.eval_metrics(module, {"params": state.params, **state.model_state}, batch)
 
     return step
 
@@ -197,9 +195,35 @@ def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]):
     mesh = sharding.make_mesh(mesh_sizes)
     rules = sharding.as_rules(config.sharding.rules)
     module = models.build(config.model)
-    task = tasks.get(config.task)
+    task = tasks.get(config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     return mesh, rules, module, task, tx, schedule
+
+
+def load_pretrained(state: TrainState, shardings: Any, workdir: str, names: tuple[str, ...]) -> TrainState:
+    """Copy parameter subtrees `names` (all if empty) from another run's latest checkpoint."""
+    source = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
+    step = source.latest_step()
+    if step is None:
+        source.close()
+        raise config_lib.ConfigError(f"config.init.workdir={workdir!r} holds no checkpoint; train that run first")
+    saved = source.restore_raw(step)["params"]
+    source.close()
+    params = dict(state.params)
+    names = names or tuple(params)
+    for name in names:
+        if name not in saved or name not in params:
+            raise config_lib.ConfigError(
+                f"config.init.params names {name!r}, but it is not in both models "
+                f"(pretrained: {sorted(saved)}, this model: {sorted(params)})")
+        target = jax.tree.map(lambda x: x.shape, params[name])
+        got = jax.tree.map(lambda x: tuple(x.shape), saved[name])
+        if jax.tree.structure(target) != jax.tree.structure(got) or target != got:
+            raise config_lib.ConfigError(f"parameters {name!r} of {workdir} do not match this model's shapes")
+        params[name] = jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), saved[name],
+                                    shardings.params[name])
+    print(f"initialised {', '.join(names)} from {source.step_dir(step)}", flush=True)
+    return state.replace(params=params)
 
 
 # --------------------------------------------------------------------------- faults
@@ -307,20 +331,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     mesh, rules, module, task, tx, schedule = setup_model(config, mesh_sizes)
 
     # Data: each process keeps its own rows of every global batch.
-    data = pipeline.lm_data(
-        config.data, seed=config.seed, batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size,
-        num_eval_batches=config.eval.num_batches, shard=(jax.process_index(), jax.process_count()),
-    )
-    if data.tokenizer.vocab_size > config.model.vocab_size:
-        raise config_lib.ConfigError(
-            f"the tokenizer has {data.tokenizer.vocab_size} ids but config.model.vocab_size="
-            f"{config.model.vocab_size}; raise the model vocabulary to at least {data.tokenizer.vocab_size}"
-        )
+    data = data_lib.build(config, shard=(jax.process_index(), jax.process_count()))
     train_iter = iter(data.train)
 
     # State: sharded init, then restore the newest intact checkpoint if the workdir has one.
     root = jax.random.key(config.seed)
-    dummy = task.dummy_batch(config.train.batch_size // config.train.grad_accum, config.data.seq_len)
+    micro = config.train.batch_size // config.train.grad_accum
+    dummy = {k: np.zeros((micro, *v.shape[1:]), v.dtype) for k, v in next(data.eval_batches()).items()}
     state, shardings, abstract = sharded_init(init_fn(module, task, tx, dummy), jax.random.fold_in(root, 0), mesh, rules)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     latest = ckpt.latest_step()
@@ -341,6 +358,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         start_step, state = restored
         if lead:
             print(f"resumed from {ckpt.step_dir(start_step)}", flush=True)
+    elif config.init.workdir:
+        state = load_pretrained(state, shardings, config.init.workdir, tuple(config.init.params))
     if lead:
         write_json(workdir_path / "config.json", config.to_dict())
         write_json(workdir_path / "run_info.json", header)
@@ -362,16 +381,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         compile_s = time.time() - compile_start
         eval_step = jax.jit(make_eval_step(module, task), in_shardings=(shardings, batch_sh), out_shardings=repl)
 
-        tokens_per_step = config.train.batch_size * config.data.seq_len
+        units_per_step = config.train.batch_size * data.units_per_example
         if config.model.name == "gpt":
-            flops_per_step = tokens_per_step * flops.gpt_flops_per_token(
+            flops_per_step = units_per_step * flops.gpt_flops_per_token(
                 config.model, params_total - params_embed, config.data.seq_len)
         else:
             flops_per_step = float(train_step.cost_analysis().get("flops", float("nan")))
         peak, peak_source = flops.peak_flops()
         if lead:
             print(f"params {params_total:,} (non-embedding {params_total - params_embed:,}); "
-                  f"{flops_per_step / tokens_per_step / 1e6:.2f} MFLOP/token; compile {compile_s:.1f}s; "
+                  f"{flops_per_step / units_per_step / 1e6:.2f} MFLOP per {task.units[:-1]}; compile {compile_s:.1f}s; "
                   f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", flush=True)
 
         # The loop. Checks that need the host (non-finite values, preemption) happen at log
@@ -420,7 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                     row = _scalars(mets)
                     row.pop("nonfinite")
                     elapsed = max(time.time() - window_start, 1e-9)
-                    row["tokens_per_s"] = window_steps * tokens_per_step / elapsed
+                    row[f"{task.units}_per_s"] = window_steps * units_per_step / elapsed
                     row["mfu"] = window_steps * flops_per_step / elapsed / peak
                     if skip_nonfinite:
                         row["skipped_steps"] = int(state.skipped_steps)
@@ -456,12 +475,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
             last_eval = evaluate(eval_step, state, data.eval_batches(), mesh)
     summary = {
         "step": step,
-        "eval_loss": last_eval["loss"],
-        "eval_bits_per_byte": last_eval.get("bits_per_byte", float("nan")),
-        "unigram_bits_per_byte": data.unigram_bpb,
+        **{f"eval_{k}": v for k, v in last_eval.items()},
+        **data.info,
         "params": params_total,
         "params_nonembed": params_total - params_embed,
-        "tokens": step * tokens_per_step,
+        task.units: step * units_per_step,
         "flops": step * flops_per_step,
         "skipped_steps": int(state.skipped_steps),
         "wall_s": time.time() - wall_start,
@@ -469,10 +487,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     }
     if lead:
         write_json(workdir_path / "summary.json", summary)
-        print(
-            f"done: step {step}, eval loss {summary['eval_loss']:.4f}, "
-            f"eval {summary['eval_bits_per_byte']:.3f} bits/byte vs unigram entropy "
-            f"{summary['unigram_bits_per_byte']:.3f} bits/byte, {summary['wall_s']:.0f}s wall",
-            flush=True,
-        )
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())
+        baseline = data.info.get("unigram_bits_per_byte")
+        versus = f" (unigram entropy {baseline:.3f} bits/byte)" if baseline is not None else ""
+        print(f"done: step {step}, eval {shown}{versus}, {summary['wall_s']:.0f}s wall", flush=True)
     return summary

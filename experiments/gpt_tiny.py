@@ -66,6 +66,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.log.every = 20
     c.log.progress = True
 
+    c.init = ml_collections.ConfigDict()
+    c.init.workdir = ""  # start from another run's latest checkpoint (fine-tuning)
+    c.init.params = ()  # top-level parameter names to copy from it; () = all
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1

@@ -1,1 +1,40 @@
-"""Data: TFDS builders and data sources fed through grain pipelines."""
+"""Data: TFDS builders and data sources fed through grain pipelines.
+
+`build(config, shard)` returns the pipelines a task needs. Every builder returns this
+process's rows of identical global batches (see pipeline.py), so runs resume on any
+number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Iterator
+
+import grain
+import ml_collections
+
+# task -> "module:function" building its Data; imported lazily so a task's extra
+# dependencies are only needed when it runs.
+BUILDERS = {
+    "lm": "bigmodel.data.pipeline:build",
+}
+
+
+@dataclasses.dataclass
+class Data:
+    """The train and evaluation pipelines of a run."""
+
+    train: grain.IterDataset  # this process's rows of each global batch, endless
+    eval_batches: Callable[[], Iterator[dict]]  # a fresh, identical pass each call
+    units_per_example: int = 1  # tokens per example for token tasks (throughput, FLOPs)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # baselines etc., copied to summary.json
+    tokenizer: Any = None
+
+
+def build(config: ml_collections.ConfigDict, shard: tuple[int, int]) -> Data:
+    """The Data for `config.task` (raises ConfigError for unusable data settings)."""
+    if config.task not in BUILDERS:
+        raise ValueError(f"no data builder for config.task={config.task!r}; known: {sorted(BUILDERS)}")
+    module, _, fn = BUILDERS[config.task].partition(":")
+    return getattr(importlib.import_module(module), fn)(config, shard)

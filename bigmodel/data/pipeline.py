@@ -186,6 +186,27 @@ def lm_data(
                   source.dataset_id)
 
 
+def check_vocab(tokenizer: tokenizers.Tokenizer, model_cfg: ml_collections.ConfigDict, extra: int = 0) -> None:
+    """Refuse a model vocabulary smaller than the tokenizer's (+ extra special ids)."""
+    need = tokenizer.vocab_size + extra
+    if need > model_cfg.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {need} ids but config.model.vocab_size={model_cfg.vocab_size}; "
+            f"raise the model vocabulary to at least {need}"
+        )
+
+
+def build(config: ml_collections.ConfigDict, shard: tuple[int, int]):
+    """Data for the 'lm' task (bigmodel.data.build)."""
+    from bigmodel.data import Data
+
+    lm = lm_data(config.data, seed=config.seed, batch_size=config.train.batch_size,
+                 eval_batch_size=config.eval.batch_size, num_eval_batches=config.eval.num_batches, shard=shard)
+    check_vocab(lm.tokenizer, config.model)
+    return Data(train=lm.train, eval_batches=lm.eval_batches, units_per_example=config.data.seq_len,
+                info={"unigram_bits_per_byte": lm.unigram_bpb, "dataset": lm.dataset_id}, tokenizer=lm.tokenizer)
+
+
 def bits_per_byte(nats_sum: float, bytes_sum: float) -> float:
     """Convert a summed negative log-likelihood in nats to bits per UTF-8 byte."""
     return nats_sum / math.log(2) / max(bytes_sum, 1.0)
