@@ -14,10 +14,14 @@ from typing import Any, Callable, Iterator
 import grain
 import ml_collections
 
-# task -> "module:function" building its Data; imported lazily so a task's extra
-# dependencies are only needed when it runs.
+# task (classify: task/data.kind) -> "module:function" building its Data; imported lazily
+# so a task's extra dependencies are only needed when it runs.
 BUILDERS = {
     "lm": "bigmodel.data.pipeline:build",
+    "mlm": "bigmodel.data.mlm:build",
+    "seq2seq": "bigmodel.data.seq2seq:build",
+    "classify/image": "bigmodel.data.images:build",
+    "classify/text": "bigmodel.data.text_classify:build",
 }
 
 
@@ -34,7 +38,8 @@ class Data:
 
 def build(config: ml_collections.ConfigDict, shard: tuple[int, int]) -> Data:
     """The Data for `config.task` (raises ConfigError for unusable data settings)."""
-    if config.task not in BUILDERS:
-        raise ValueError(f"no data builder for config.task={config.task!r}; known: {sorted(BUILDERS)}")
-    module, _, fn = BUILDERS[config.task].partition(":")
+    key = f"classify/{config.data.kind}" if config.task == "classify" else config.task
+    if key not in BUILDERS:
+        raise ValueError(f"no data builder for {key!r} (config.task / config.data.kind); known: {sorted(BUILDERS)}")
+    module, _, fn = BUILDERS[key].partition(":")
     return getattr(importlib.import_module(module), fn)(config, shard)
