@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import flax
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,8 +44,26 @@ class TrainState:
     skipped_steps: jax.Array  # updates dropped for non-finite loss/gradients (train.on_nonfinite='skip')
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup, cosine decay and global-norm clipping."""
+MUP_HIDDEN = {"query_kernel", "key_kernel", "value_kernel", "out_kernel", "fc_in", "fc_out"}
+
+
+def mup_labels(params: Any) -> Any:
+    """'hidden' for matrices whose both dimensions grow with width, else 'other' (boxed or not)."""
+
+    def label(path: tuple, _: Any) -> str:
+        names = {getattr(k, "key", None) for k in path}
+        return "hidden" if names & MUP_HIDDEN and "bias" not in names else "other"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                   width_mult: float = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup, cosine decay and global-norm clipping.
+
+    width_mult != 1 (muP) divides the learning rate of hidden matrices by it, through
+    optax's per-group transforms.
+    """
     decay_steps = cfg.decay_steps or total_steps
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -55,10 +74,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
     )
     # Decay matrices only: biases, norms and other vectors are left alone.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
+    adamw = lambda lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,  # noqa: E731
+                                   mask=decay_mask)
+    if width_mult == 1.0:
+        update = adamw(schedule)
+    else:
+        update = optax.multi_transform(
+            {"hidden": adamw(lambda step: schedule(step) / width_mult), "other": adamw(schedule)}, mup_labels)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(), update)
     return tx, schedule
 
 
@@ -196,12 +219,26 @@ def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]):
     rules = sharding.as_rules(config.sharding.rules)
     module = models.build(config.model)
     task = tasks.get(config)
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    width_mult = 1.0
+    if config.model.name == "gpt" and config.model.mup:
+        width_mult = config.model.d_model / config.model.mup_base_width
+    tx, schedule = make_optimizer(config.optim, config.train.steps, width_mult)
     return mesh, rules, module, task, tx, schedule
 
 
+def _flat(tree: Any) -> dict[str, Any]:
+    """A parameter subtree as {'a/b/kernel': leaf}; a lone array as {'': array}."""
+    return traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {"": tree}
+
+
 def load_pretrained(state: TrainState, shardings: Any, workdir: str, names: tuple[str, ...]) -> TrainState:
-    """Copy parameter subtrees `names` (all if empty) from another run's latest checkpoint."""
+    """Copy parameter subtrees `names` (all if empty) from another run's latest checkpoint.
+
+    Within each subtree the arrays both models have are copied, and their shapes must agree.
+    Arrays only this model has keep their fresh initialisation (a classifier's pooler when
+    the encoder comes from MLM pre-training); arrays only the checkpoint has are ignored.
+    Both lists are printed.
+    """
     source = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
     step = source.latest_step()
     if step is None:
@@ -211,18 +248,29 @@ def load_pretrained(state: TrainState, shardings: Any, workdir: str, names: tupl
     source.close()
     params = dict(state.params)
     names = names or tuple(params)
+    copied, fresh, unused = 0, [], []
     for name in names:
         if name not in saved or name not in params:
             raise config_lib.ConfigError(
                 f"config.init.params names {name!r}, but it is not in both models "
                 f"(pretrained: {sorted(saved)}, this model: {sorted(params)})")
-        target = jax.tree.map(lambda x: x.shape, params[name])
-        got = jax.tree.map(lambda x: tuple(x.shape), saved[name])
-        if jax.tree.structure(target) != jax.tree.structure(got) or target != got:
-            raise config_lib.ConfigError(f"parameters {name!r} of {workdir} do not match this model's shapes")
-        params[name] = jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), saved[name],
-                                    shardings.params[name])
-    print(f"initialised {', '.join(names)} from {source.step_dir(step)}", flush=True)
+        target, got, where = _flat(params[name]), _flat(saved[name]), _flat(shardings.params[name])
+        common = [k for k in target if k in got]
+        mismatched = [f"{name}/{k}: {tuple(got[k].shape)} vs {tuple(target[k].shape)}"
+                      for k in common if tuple(got[k].shape) != tuple(target[k].shape)]
+        if mismatched or not common:
+            detail = "; ".join(mismatched[:5]) if mismatched else "no array in common"
+            raise config_lib.ConfigError(
+                f"parameters {name!r} of {workdir} do not match this model's shapes (pretrained vs this model: "
+                f"{detail})")
+        for k in common:
+            target[k] = jax.device_put(np.asarray(got[k], dtype=target[k].dtype), where[k])
+        params[name] = target[""] if "" in target else traverse_util.unflatten_dict(target, sep="/")
+        copied += len(common)
+        fresh += [f"{name}/{k}" for k in target if k not in got]
+        unused += [f"{name}/{k}" for k in got if k not in target]
+    print(f"initialised {', '.join(names)} from {source.step_dir(step)}: copied {copied} arrays; "
+          f"left fresh: {', '.join(fresh) or 'none'}; not in this model: {', '.join(unused) or 'none'}", flush=True)
     return state.replace(params=params)
 
 
@@ -450,7 +498,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                         row.update({f"eval_{k}": v for k, v in last_eval.items()})
                     writer.write(step, row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}",
-                                    **({"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if last_eval else {}))
+                                    **({"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if "bits_per_byte" in last_eval else {}))
                 preempt = watch.requested(step)
                 if step % config.checkpoint.every == 0 or is_last or preempt:
                     check_finite()

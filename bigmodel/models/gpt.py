@@ -49,6 +49,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         remat="none",
         scan_layers=False,
         attention_impl="",  # '' lets JAX choose; 'xla' or 'cudnn' to force one
+        mup=False,  # maximal-update parameterisation (needs tie_embeddings=False)
+        mup_base_width=128,  # d_model at which muP and the standard parameterisation coincide
     )
     fields.update(SIZES[size])
     return ml_collections.ConfigDict(fields)
@@ -70,6 +72,8 @@ class GPTConfig:
     remat: str = "none"  # 'none' | 'full' | 'dots'
     scan_layers: bool = False  # stack layers with nn.scan (fast compile for deep models)
     attention_impl: str = ""
+    mup: bool = False  # maximal-update parameterisation (Yang et al. 2022)
+    mup_base_width: int = 128  # base d_model of muP's width multiplier
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "GPTConfig":
@@ -82,6 +86,11 @@ class GPTConfig:
         """F, the MLP width."""
         return self.d_ff or 4 * self.d_model
 
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier d_model / base width (1 without muP)."""
+        return self.d_model / self.mup_base_width if self.mup else 1.0
+
 
 class Block(nn.Module):
     """Pre-LN decoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
@@ -93,21 +102,29 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
         """[B, T, D] -> [B, T, D] (the scan-compatible carry signature)."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
-        residual_scale = (2 * cfg.num_layers) ** -0.5
+        head_dim = cfg.d_model // cfg.num_heads
+        # muP: hidden initialisations shrink as 1/sqrt(width multiplier), attention logits
+        # scale as 1/H instead of 1/sqrt(H), and the query starts at zero.
+        hidden_scale = cfg.width_mult**-0.5
+        residual_scale = (2 * cfg.num_layers) ** -0.5 * hidden_scale
         h = layers.LayerNorm(dtype=dtype, name="ln_1")(x)
         h = layers.Attention(
             num_heads=cfg.num_heads,
-            head_dim=cfg.d_model // cfg.num_heads,
+            head_dim=head_dim,
             causal=True,
             dropout=cfg.dropout,
             out_init_scale=residual_scale,
             dtype=dtype,
             implementation=cfg.attention_impl or None,
+            scale=1.0 / head_dim if cfg.mup else None,
+            init_scale=hidden_scale,
+            zero_query=cfg.mup,
             name="attn",
         )(h, train=self.train)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
         h = layers.LayerNorm(dtype=dtype, name="ln_2")(x)
-        h = layers.Mlp(cfg.hidden, cfg.dropout, residual_scale, dtype, name="mlp")(h, train=self.train)
+        h = layers.Mlp(cfg.hidden, cfg.dropout, residual_scale, dtype, in_init_scale=hidden_scale,
+                       name="mlp")(h, train=self.train)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
         return x, None
 
@@ -150,14 +167,18 @@ class GPT(nn.Module):
 
         x = layers.LayerNorm(dtype=dtype, name="ln_f")(x)
         if cfg.tie_embeddings:
+            if cfg.mup:
+                raise ValueError("model.mup needs model.tie_embeddings=False (muP's readout is separate)")
             logits = embed.attend(x)
         else:
+            # muP's readout starts at zero and divides the logits by the width multiplier.
+            init = nn.initializers.zeros if cfg.mup else layers.dense_init()
             logits = nn.Dense(
                 cfg.vocab_size,
                 use_bias=False,
                 dtype=dtype,
-                kernel_init=layers.partitioned(layers.dense_init(), ("embed", "vocab")),
+                kernel_init=layers.partitioned(init, ("embed", "vocab")),
                 name="lm_head",
-            )(x)
+            )(x) / cfg.width_mult
         logits = layers.constrain(logits, ("act_batch", "act_seq", "act_vocab"))
         return logits.astype(jnp.float32)

@@ -74,29 +74,40 @@ class LayerNorm(nn.Module):
         )(x)
 
 
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # GPT-2's 'gelu_new'
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # exact erf GELU (BERT)
+    "relu": nn.relu,
+}
+
+
 class Mlp(nn.Module):
-    """Two-layer feed-forward block D -> F -> D with GELU."""
+    """Two-layer feed-forward block D -> F -> D with GELU (or another `activation`)."""
 
     d_ff: int  # F, hidden width
     dropout: float = 0.0
     out_init_scale: float = 1.0  # GPT-2 scales residual projections by 1/sqrt(2L)
     dtype: Any = jnp.float32  # compute dtype
     use_bias: bool = True
+    activation: str = "gelu_tanh"  # a key of ACTIVATIONS
+    in_init_scale: float = 1.0  # muP shrinks hidden initialisations with width
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown Mlp activation {self.activation!r}; use one of {sorted(ACTIVATIONS)}")
         d_model = x.shape[-1]
         h = nn.Dense(
             self.d_ff,
             use_bias=self.use_bias,
             dtype=self.dtype,
-            kernel_init=partitioned(dense_init(), ("embed", "mlp")),
+            kernel_init=partitioned(dense_init(self.in_init_scale), ("embed", "mlp")),
             bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
             name="fc_in",
         )(x)
         h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-        h = nn.gelu(h, approximate=True)
+        h = ACTIVATIONS[self.activation](h)
         h = nn.Dense(
             d_model,
             use_bias=self.use_bias,
@@ -119,6 +130,9 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     use_bias: bool = True
     implementation: str | None = None  # None lets JAX pick ('xla' on CPU, 'cudnn' where able)
+    scale: float | None = None  # logit scale; None = 1/sqrt(H), muP uses 1/H
+    init_scale: float = 1.0  # of the query/key/value initialisation (muP shrinks it with width)
+    zero_query: bool = False  # muP starts with a zero query projection
 
     @nn.compact
     def __call__(
@@ -133,8 +147,9 @@ class Attention(nn.Module):
         context = x if context is None else context
 
         def proj(name: str, inputs: jax.Array) -> jax.Array:
+            init = nn.initializers.zeros if name == "query" and self.zero_query else dense_init(self.init_scale)
             kernel = self.param(
-                f"{name}_kernel", partitioned(dense_init(), ("embed", "heads", "kv")),
+                f"{name}_kernel", partitioned(init, ("embed", "heads", "kv")),
                 (d_model, self.num_heads, self.head_dim),
             )
             y = jnp.einsum("bsd,dnh->bsnh", inputs.astype(self.dtype), kernel.astype(self.dtype))
@@ -147,7 +162,7 @@ class Attention(nn.Module):
 
         q, k, v = proj("query", x), proj("key", context), proj("value", context)
         y = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
+            q, k, v, mask=mask, is_causal=self.causal, scale=self.scale, implementation=self.implementation
         )  # [B, T, N, H]
         y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))
         out = self.param(
