@@ -113,4 +113,6 @@ def prepare(source: str, data_dir: str, validation_fraction: float = 0.05) -> Te
     builder = TextFiles(source=source, validation_fraction=validation_fraction, data_dir=data_dir or None)
     with _file_lock(pathlib.Path(builder.data_dir_root) / f".{builder.builder_config.name}.lock"):
         builder.download_and_prepare(file_format="array_record")
-    return builder
+    # A builder created while another process was still writing holds stale metadata;
+    # a fresh one reads the finished dataset's.
+    return TextFiles(source=source, validation_fraction=validation_fraction, data_dir=data_dir or None)

@@ -1,0 +1,383 @@
+"""`bigmodel plan`: will this config fit on that mesh and device? Answered before renting it.
+
+    bigmodel plan --config experiments/gpt_tiny.py[:ARG] [--config.KEY=VALUE ...]
+                  [--mesh DATA,FSDP,TENSOR] [--devices N] [--target h100-80gb] [--no-compile]
+
+1. The config and mesh are validated like `bigmodel train` does (same ConfigError messages).
+2. Analytic, per device, from `jax.eval_shape` of the real train state: parameters and Adam
+   moments as sharded by the config's rules, gradients, and an activation estimate
+   (stored forward values per layer, Korthikanti et al. 2022 without dropout masks).
+3. Compiled, unless --no-compile: the real train step is lowered and compiled for the mesh
+   (no training, no real arrays) and XLA's `memory_analysis()` gives argument, output and
+   temporary bytes per device. On a CPU host the command re-runs itself with as many fake
+   CPU devices as the mesh needs, so a 64-device plan compiles on a laptop (slowly for big
+   models: use --no-compile there). XLA's CPU numbers are a cross-check, not the target's.
+4. A verdict for the target device: the analytic total (or XLA's peak for a model family
+   without an activation estimate) against the device's memory, less a reserve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from typing import Any, Mapping
+
+from bigmodel import config as config_lib
+from bigmodel.config import MESH_AXES, ConfigError
+
+GiB = 1024**3
+# Memory per device (GiB, nominal HBM) of the targets `--target` knows.
+TARGETS: dict[str, float] = {
+    "h100-80gb": 80, "h200": 141, "a100-40gb": 40, "a100-80gb": 80,
+    "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32,
+}
+# Left for the runtime, XLA workspace, fragmentation and what the estimate misses.
+RESERVE = 0.10
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device memory figures (bytes) for one config on one mesh and target."""
+
+    mesh: dict[str, int]
+    target: str
+    params: int  # parameters as sharded
+    opt_state: int  # Adam moments (and step counts) as sharded
+    grads: int  # gradients (same layout as the parameters), plus an accumulator with grad_accum > 1
+    activations: int  # estimated stored activations of one microbatch
+    param_count: int
+    compiled: dict[str, int] | None = None  # from XLA's memory_analysis; None when not compiled
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        """Analytic per-device total."""
+        return self.params + self.opt_state + self.grads + self.activations
+
+    @property
+    def judged(self) -> int:
+        """Bytes the verdict uses: the analytic total, or XLA's peak where activations have no estimate."""
+        if not self.activations and self.compiled:
+            return max(self.total, self.compiled["peak"])
+        return self.total
+
+    @property
+    def budget(self) -> int:
+        """Usable bytes per target device."""
+        return int(TARGETS[self.target] * GiB * (1 - RESERVE))
+
+    @property
+    def fits(self) -> bool:
+        """Whether the judged bytes stay inside the budget."""
+        return self.judged <= self.budget
+
+
+# --------------------------------------------------------------------------- config and mesh
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'DATA,FSDP,TENSOR' (one may be -1) -> {'data': …, 'fsdp': …, 'tensor': …}."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != len(MESH_AXES):
+        raise ConfigError(f"--mesh {text!r}: give three sizes DATA,FSDP,TENSOR, e.g. --mesh 1,8,1")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def configure(spec: str, overrides: list[str], mesh: dict[str, int] | None, devices: int | None,
+              available: int | None = None, model: str | None = None):
+    """Load and validate the config on the mesh (and named model); returns (config, resolved mesh sizes)."""
+    config = config_lib.load(spec, [] if model else overrides)
+    if model:
+        from bigmodel import models
+
+        try:
+            named = models.model_config(model)
+        except ValueError as e:
+            raise ConfigError(f"--model {model!r}: {e}") from None
+        with config.unlocked():
+            config.model = named
+        config.lock()
+        for item in overrides:
+            key, _, value = item.partition("=")
+            config_lib.apply_override(config, key, value)
+    if mesh is not None:
+        for axis, size in mesh.items():
+            config_lib.apply_override(config, f"mesh.{axis}", str(size))
+    if devices is None:
+        sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+        if -1 in sizes.values():
+            if available is None:
+                raise ConfigError("the mesh has a -1 axis: give --devices N (the job's device count) or full sizes")
+            devices = available
+        else:
+            devices = math.prod(sizes.values())
+    return config, config_lib.validate(config, devices)
+
+
+def _pieces(config):
+    """Module, task, optimizer and schedule of a run, assembled the way the trainer does it."""
+    import jax
+
+    from bigmodel import train
+
+    # The mesh is irrelevant here; a one-axis mesh over whatever devices exist always builds.
+    _, _, module, task, tx, schedule = train.setup_model(config, {"data": jax.device_count(), "fsdp": 1, "tensor": 1})
+    return module, task, tx, schedule
+
+
+def batch_shapes(config, task, rows: int) -> dict:
+    """Shapes and dtypes of a batch of `rows` examples, as ShapeDtypeStructs."""
+    import jax
+
+    if hasattr(task, "dummy_batch"):  # language modelling: known without data
+        return jax.eval_shape(lambda: task.dummy_batch(rows, config.data.seq_len))
+    # Other tasks: the shapes of one real evaluation batch, as the trainer takes them.
+    from bigmodel import data as data_lib
+
+    example = next(data_lib.build(config, shard=(0, 1)).eval_batches())
+    return {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in example.items()}
+
+
+def zeros(shapes: dict) -> dict:
+    """A batch of zeros (host memory) with the given shapes, for tracing the model's init."""
+    import numpy as np
+
+    return {k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+
+
+def abstract_state(config) -> Any:
+    """The boxed train state as shapes only (jax.eval_shape: no memory, no devices)."""
+    import jax
+
+    from bigmodel import train
+
+    module, task, tx, _ = _pieces(config)
+    dummy = zeros(batch_shapes(config, task, config.train.batch_size // config.train.grad_accum))
+    return jax.eval_shape(train.init_fn(module, task, tx, dummy), jax.random.key(0))
+
+
+# --------------------------------------------------------------------------- analytic figures
+
+
+def sharded_bytes(boxed: Any, rules, sizes: Mapping[str, int]) -> int:
+    """Bytes of one device's shard of every leaf, from logical names, rules and mesh sizes."""
+    import flax.linen as nn
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+
+    def leaf(x, spec) -> int:
+        shape = list(x.shape)
+        for dim, axes in enumerate(tuple(spec)[: len(shape)]):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            # Uneven dimensions are padded to a multiple of the shard count.
+            shape[dim] = -(-shape[dim] // math.prod(sizes[a] for a in axes))
+        return math.prod(shape) * x.dtype.itemsize
+
+    return sum(jax.tree.leaves(jax.tree.map(leaf, nn.meta.unbox(boxed), specs, is_leaf=lambda s: isinstance(s, P))))
+
+
+def activation_bytes(config, sizes: Mapping[str, int]) -> int:
+    """Stored forward activations of one microbatch per device, for a transformer config.
+
+    Per token and layer the backward pass keeps (in the compute dtype): the two LayerNorm
+    inputs and outputs (4·D), Q, K, V and the attention output (4·D/t), the MLP hidden
+    before and after the nonlinearity (2·F/t) and the attention probabilities (N·T/t);
+    the logits and their gradient add 2·V/t float32 values. remat='full' keeps only each
+    layer's input plus one layer being recomputed.
+    """
+    m = config.model
+    if not all(k in m for k in ("num_layers", "d_model", "num_heads")) or "seq_len" not in config.data:
+        return 0
+    t = sizes["tensor"]
+    tokens = config.train.batch_size // config.train.grad_accum // (sizes["data"] * sizes["fsdp"]) * config.data.seq_len
+    d, heads, seq = m.d_model, m.num_heads, config.data.seq_len
+    ff = m.get("d_ff", 0) or 4 * d
+    size = 2 if m.get("dtype", "float32") in ("bfloat16", "float16") else 4
+    per_layer = tokens * size * (4 * d + 4 * d / t + 2 * ff / t + heads * seq / t)
+    layers = per_layer * m.num_layers
+    if m.get("remat", "none") == "full":
+        layers = tokens * size * d * m.num_layers + per_layer
+    logits = tokens * 4 * 2 * m.get("vocab_size", 0) / t
+    return int(layers + logits)
+
+
+def analytic(config, sizes: Mapping[str, int], target: str) -> Plan:
+    """The per-device memory plan from shapes and sharding rules alone."""
+    from bigmodel import flops, sharding
+
+    abstract = abstract_state(config)
+    rules = sharding.as_rules(config.sharding.rules)
+    sharding.check_rules(abstract, rules)
+    params = sharded_bytes(abstract.params, rules, sizes)
+    accumulators = params if config.train.grad_accum > 1 else 0
+    return Plan(
+        mesh=dict(sizes), target=target, params=params, opt_state=sharded_bytes(abstract.opt_state, rules, sizes),
+        grads=params + accumulators, activations=activation_bytes(config, sizes),
+        param_count=flops.param_count(abstract.params),
+    )
+
+
+# --------------------------------------------------------------------------- compiled figures
+
+
+def compiled_memory(config, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Compile the train step for the mesh (shapes only) and read XLA's per-device memory analysis."""
+    import flax.linen as nn
+    import jax
+
+    from bigmodel import sharding, train
+
+    mesh, rules, module, task, tx, schedule = train.setup_model(config, dict(sizes))
+    micro = config.train.batch_size // config.train.grad_accum
+    init = train.init_fn(module, task, tx, zeros(batch_shapes(config, task, micro)))
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.state_shardings(abstract, mesh, rules)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         nn.meta.unbox(abstract), shardings)
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
+                         batch_shapes(config, task, config.train.batch_size))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = jax.jit(train.make_train_step(module, task, tx, schedule, config.train.grad_accum),
+                       in_shardings=(shardings, batch_sh, sharding.replicated(mesh)),
+                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        compiled = step.lower(state, batch, jax.random.key(1)).compile()
+    ma = compiled.memory_analysis()
+
+    def shard(tree) -> int:
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    figures = {
+        "params": shard(state.params),
+        "opt_state": shard(state.opt_state),
+        "arguments": int(ma.argument_size_in_bytes),
+        "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes),
+        "temporaries": int(ma.temp_size_in_bytes),
+    }
+    # Donated state buffers are reused for the outputs, so aliased bytes count once.
+    figures["peak"] = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
+    return figures
+
+
+def make_plan(config, sizes: Mapping[str, int], target: str, compile: bool = True) -> Plan:
+    """Analytic figures, plus compiled ones when this host has exactly the mesh's devices."""
+    import jax
+
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
+    plan = analytic(config, sizes, target)
+    if not compile:
+        plan.note = "not compiled (--no-compile): analytic figures only"
+    else:
+        needed = math.prod(sizes.values())
+        if jax.device_count() == needed:
+            plan.compiled = compiled_memory(config, sizes)
+        else:
+            plan.note = (f"not compiled: the mesh needs {needed} devices and this host has {jax.device_count()} "
+                         f"{jax.devices()[0].platform} devices")
+    return plan
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _bytes(n: int | float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def format_plan(plan: Plan, title: str) -> str:
+    """A short table of per-device bytes and the verdict line."""
+    mesh = " ".join(f"{a}={plan.mesh[a]}" for a in MESH_AXES)
+    c = plan.compiled or {}
+    rows = [
+        ("parameters", plan.params, c.get("params")),
+        ("optimizer state", plan.opt_state, c.get("opt_state")),
+        ("gradients", plan.grads, None),
+        ("activations (estimate)", plan.activations or None, None),
+        ("arguments (XLA)", None, c.get("arguments")),
+        ("temporaries (XLA)", None, c.get("temporaries")),
+        ("total / peak", plan.total, c.get("peak")),
+    ]
+    lines = [
+        f"plan: {title} on mesh {mesh} ({math.prod(plan.mesh.values())} devices), target {plan.target} "
+        f"({TARGETS[plan.target]:g} GiB per device)",
+        f"model: {plan.param_count:,} parameters",
+        f"{'per device':<26}{'analytic':>14}{'compiled' if plan.compiled else '':>14}".rstrip(),
+    ]
+    for name, a, b in rows:
+        if a is None and b is None:
+            continue
+        cells = [_bytes(x) if x is not None else "" for x in (a, b)]
+        lines.append(f"  {name:<24}{cells[0]:>14}{cells[1]:>14}".rstrip())
+    if not plan.activations:
+        lines.append("activations: no estimate for this model family; the compiled temporaries include them")
+    if plan.note:
+        lines.append(plan.note)
+    margin = plan.budget - plan.judged
+    verdict = "fits" if plan.fits else "does not fit"
+    lines.append(
+        f"verdict: {verdict} on {plan.target}: {_bytes(plan.judged)} per device of {_bytes(plan.budget)} usable "
+        f"({1 - RESERVE:.0%} of {TARGETS[plan.target]:g} GiB), "
+        f"margin {'+' if margin >= 0 else '-'}{_bytes(abs(margin))}"
+    )
+    return "\n".join(lines)
+
+
+def _respawn_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["plan", "--config", args.config, "--target", args.target]
+    argv += ["--mesh", args.mesh] if args.mesh else []
+    argv += ["--devices", str(args.devices)] if args.devices else []
+    argv += ["--model", args.model] if args.model else []
+    return argv + [f"--config.{o}" for o in args.overrides]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Validate, estimate, compile and judge one plan."""
+    import jax
+
+    from bigmodel.launch import local
+
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    config, sizes = configure(args.config, args.overrides, mesh, args.devices, available=jax.device_count(),
+                              model=args.model)
+    needed = math.prod(sizes.values())
+    if (args.compile and jax.devices()[0].platform == "cpu" and jax.device_count() != needed
+            and not os.environ.get("BIGMODEL_PLAN_CHILD")):
+        # Fake CPU devices are fixed when JAX starts: run again with the mesh's count.
+        env = dict(os.environ, BIGMODEL_PLAN_CHILD="1", JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=local.with_device_count(os.environ.get("XLA_FLAGS", ""), needed))
+        return subprocess.run([sys.executable, "-m", "bigmodel.cli", *_respawn_argv(args)], env=env).returncode
+    plan = make_plan(config, sizes, args.target, compile=args.compile)
+    print(format_plan(plan, args.config + (f" with {args.model}" if args.model else "")), flush=True)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `bigmodel plan` to the command's sub-parsers."""
+    p = subparsers.add_parser(
+        "plan", help="per-device memory of a config on a mesh and target device, compiled ahead of time",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
+    p.add_argument("--model", default=None, help="replace config.model by a named size, e.g. gpt:124m")
+    p.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR sizes (default: config.mesh)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices in the job (default: the mesh's product, or this host's count for a -1 axis)")
+    p.add_argument("--target", default="h100-80gb", help=f"device to judge against: {', '.join(TARGETS)}")
+    p.add_argument("--no-compile", "--no_compile", dest="compile", action="store_false",
+                   help="analytic figures only (compiling big models on a CPU is slow)")
+    p.set_defaults(func=cmd_plan, takes_overrides=True)
+    return p

@@ -1,0 +1,105 @@
+"""`bigmodel plan`: per-device memory by mesh (8 fake CPU devices), refusals, and verdicts."""
+
+import re
+
+import pytest
+
+from bigmodel import cli, plan
+
+from conftest import GPT_TINY
+
+SEQ_1024_BATCH_64 = ["data.seq_len=1024", "train.batch_size=64"]
+
+
+def tiny_plan(mesh, compile=True):
+    config, sizes = plan.configure(GPT_TINY + ":tiny", [], plan.parse_mesh(mesh), None)
+    return plan.make_plan(config, sizes, "h100-80gb", compile=compile)
+
+
+@pytest.fixture(scope="module")
+def tiny_plans():
+    return {m: tiny_plan(m) for m in ("8,1,1", "1,8,1")}
+
+
+def test_fsdp_shards_parameters_and_adam_8_ways(tiny_plans):
+    data, fsdp = tiny_plans["8,1,1"], tiny_plans["1,8,1"]
+    assert data.param_count == 132_864
+    assert data.params == 4 * 132_864  # data parallel: every device holds all float32 parameters
+    # Adam's two moments follow the parameters (plus a few scalar step counters).
+    assert 2 * data.params <= data.opt_state < 2 * data.params + 64
+    ratio = data.params / fsdp.params
+    assert 7.0 < ratio <= 8.0, ratio  # only the small vectors (norm scales, some biases) stay replicated
+    assert 7.0 < data.opt_state / fsdp.opt_state <= 8.0
+    # The compiled step agrees: its input shardings hold exactly those bytes, and XLA's argument
+    # buffers (state + batch + rng) shrink the same way.
+    for p in (data, fsdp):
+        assert (p.compiled["params"], p.compiled["opt_state"]) == (p.params, p.opt_state)
+        assert p.compiled["arguments"] >= p.params + p.opt_state
+        assert p.compiled["temporaries"] > 0 and p.compiled["peak"] > p.compiled["arguments"]
+    assert data.compiled["arguments"] / fsdp.compiled["arguments"] > 5
+
+
+def test_cli_prints_the_table_and_a_verdict(capsys):
+    assert cli.main(["plan", "--config", GPT_TINY + ":tiny", "--mesh", "2,2,2", "--target", "a100-40gb",
+                     "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "on mesh data=2 fsdp=2 tensor=2 (8 devices), target a100-40gb (40 GiB per device)" in out
+    for row in ("parameters", "optimizer state", "gradients", r"activations \(estimate\)", "total / peak"):
+        assert re.search(rf"^  {row} +[\d.]+ [KMG]iB$", out, re.M), row
+    assert re.search(r"^verdict: fits on a100-40gb: .* of 36\.00 GiB usable \(90% of 40 GiB\), margin \+", out, re.M)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "2,2,2", "--devices", "16"], "data*fsdp*tensor = 2*2*2 = 8 but there are 16 devices"),
+    (["--mesh", "1,1,8"], "num_heads=4 is not divisible by the tensor axis config.mesh.tensor=8"),
+    (["--mesh", "16,1,1"], "batch_size=8 (microbatch 8 with grad_accum=1) is not divisible by the data-parallel size"),
+    (["--mesh", "2,2"], "give three sizes DATA,FSDP,TENSOR"),
+    (["--target", "h800"], "--target 'h800' is unknown"),
+])
+def test_impossible_plans_are_refused_before_compiling(args, message, capsys, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(plan, "compiled_memory", lambda *a: compiled.append(a))
+    assert cli.main(["plan", "--config", GPT_TINY + ":tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigmodel: config error:") and message in err, err
+    assert compiled == []
+
+
+def test_gpt_124m_on_h100(capsys):
+    assert cli.main(["plan", "--config", GPT_TINY, "--model", "gpt:124m", *(f"--config.{o}" for o in SEQ_1024_BATCH_64),
+                     "--mesh", "8,1,1", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "model: 124,439,808 parameters" in out
+    verdict = re.search(
+        r"^verdict: fits on h100-80gb: ([\d.]+) GiB per device of 72\.00 GiB usable .* margin \+([\d.]+) GiB", out, re.M)
+    assert verdict, out
+    config, sizes = plan.configure(GPT_TINY, SEQ_1024_BATCH_64, plan.parse_mesh("8,1,1"), None, model="gpt:124m")
+    p = plan.make_plan(config, sizes, "h100-80gb", compile=False)
+    assert p.params == 4 * 124_439_808 and p.grads == p.params
+    # 8 sequences of 1024 tokens per device in float32: activations dominate (about 12 GiB).
+    assert 10 * 2**30 < p.activations < 14 * 2**30
+    assert float(verdict.group(1)) == pytest.approx(p.total / 2**30, abs=0.01)
+    assert float(verdict.group(2)) == pytest.approx((p.budget - p.total) / 2**30, abs=0.01)
+
+
+def test_gpt_1_5b_does_not_fit_on_a100_40gb_without_sharding(capsys):
+    assert cli.main(["plan", "--config", GPT_TINY, "--model", "gpt:1.5b", *(f"--config.{o}" for o in SEQ_1024_BATCH_64),
+                     "--mesh", "8,1,1", "--target", "a100-40gb", "--no-compile"]) == 0
+    assert re.search(r"^verdict: does not fit on a100-40gb: .* margin -", capsys.readouterr().out, re.M)
+    # Sharding the state 8 ways and recomputing activations brings it inside 40 GiB.
+    config, sizes = plan.configure(GPT_TINY, SEQ_1024_BATCH_64 + ["model.remat=full"], plan.parse_mesh("1,8,1"), None,
+                                   model="gpt:1.5b")
+    assert plan.make_plan(config, sizes, "a100-40gb", compile=False).fits
+
+
+def test_mesh_needing_other_device_count_compiles_in_a_child(capfd):
+    # 4 devices while this process has 8: the command re-runs itself with 4 fake CPU devices.
+    assert cli.main(["plan", "--config", GPT_TINY + ":tiny", "--mesh", "1,2,2"]) == 0
+    out = capfd.readouterr().out
+    assert "on mesh data=1 fsdp=2 tensor=2 (4 devices)" in out
+    config, sizes = plan.configure(GPT_TINY + ":tiny", [], plan.parse_mesh("1,2,2"), None)
+    expected = plan.make_plan(config, sizes, "h100-80gb", compile=False)
+    params = re.search(r"^  parameters +([\d.]+) KiB +([\d.]+) KiB$", out, re.M)
+    assert params, out  # analytic and compiled columns both filled, and equal
+    assert float(params.group(1)) == float(params.group(2)) == round(expected.params / 1024, 1)
+    assert re.search(r"^  temporaries \(XLA\) +[\d.]+ [KM]iB$", out, re.M)
