@@ -107,23 +107,18 @@ class Checkpointer:
             if step_dir.is_dir() and not (step_dir / INTEGRITY_FILE).exists():
                 seal(step_dir)
 
-    def save(self, step: int, state: Any, data_iter: Any, config: dict) -> None:
-        """Start saving (returns before an asynchronous write finishes).
+    def save(self, step: int, state: Any, data_iter: Any | None, config: dict) -> None:
+        """Start saving (returns before an asynchronous write finishes); data_iter None saves no 'data' item.
 
         Raises CheckpointError if this save or the previous asynchronous one failed.
         """
         self.wait()  # the previous asynchronous save must have succeeded (raises if not)
         try:
             self._pending = step
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data_iter.get_state()),
-                    config=ocp.args.JsonSave(config),
-                ),
-                force=True,
-            )
+            items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+            if data_iter is not None:
+                items["data"] = ocp.args.JsonSave(data_iter.get_state())
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             if not self._async:
                 self.wait()
         except CheckpointError:
@@ -169,12 +164,17 @@ class Checkpointer:
         self._open()
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
-        """Restore the state onto the shardings in `abstract_state` (and the iterator in place)."""
+        """Restore the state onto the shardings in `abstract_state` (and the iterator in place).
+
+        A checkpoint saved without a data item (e.g. by `bigmodel import-hf`) leaves the
+        iterator as it is: a fresh one starts from the beginning.
+        """
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        with_data = data_iter is not None and (self.step_dir(step) / "data").is_dir()
+        if with_data:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if data_iter is not None:
+        if with_data:
             data_iter.set_state(restored["data"])
         return restored["state"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import math
 import pathlib
 from typing import Any, Sequence
@@ -23,7 +24,35 @@ class ConfigError(ValueError):
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load 'path/to/exp.py[:arg]', apply 'a.b=value' overrides and lock the result."""
+    """Load 'path/to/exp.py[:arg]' or a workdir's resolved 'config.json', apply 'a.b=value' overrides, lock."""
+    if spec.endswith(".json"):
+        config = _load_json(spec)
+    else:
+        config = _load_python(spec)
+    config.lock()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} has no value; write --config.{key}=VALUE")
+        apply_override(config, key, value)
+    return config
+
+
+def _load_json(path: str) -> ml_collections.ConfigDict:
+    """A resolved config as written to WORKDIR/config.json (e.g. by `bigmodel import-hf`)."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist; pass a workdir's config.json or experiments/<name>.py")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not a config object")
+    return ml_collections.ConfigDict(data)
+
+
+def _load_python(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
     if not file.is_file():
@@ -34,14 +63,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg); every experiment file needs one")
     config = module.get_config(arg) if arg else module.get_config()
-    config = ml_collections.ConfigDict(config)
-    config.lock()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} has no value; write --config.{key}=VALUE")
-        apply_override(config, key, value)
-    return config
+    return ml_collections.ConfigDict(config)
 
 
 def _suggest(name: str, options: Sequence[str]) -> str:

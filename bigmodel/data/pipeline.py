@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -77,7 +78,7 @@ def text_source(cfg: ml_collections.ConfigDict) -> TextSource:
 
 
 def make_tokenizer(cfg: ml_collections.ConfigDict, source: TextSource) -> tokenizers.Tokenizer:
-    """The configured tokenizer; SentencePiece is trained on the train split once and cached."""
+    """The configured tokenizer: bytes, SentencePiece (trained once, cached) or 'hf:PATH' (a tokenizer.json)."""
     if cfg.tokenizer == "byte":
         return tokenizers.ByteTokenizer()
     if cfg.tokenizer == "sentencepiece":
@@ -86,7 +87,14 @@ def make_tokenizer(cfg: ml_collections.ConfigDict, source: TextSource) -> tokeni
             return tokenizers.SentencePieceTokenizer(path)
         texts = (source.train[i][source.text_key] for i in range(len(source.train)))
         return tokenizers.train_sentencepiece(texts, cfg.spm_vocab_size, path)
-    raise ConfigError(f"config.data.tokenizer={cfg.tokenizer!r}; use 'byte' or 'sentencepiece'")
+    if cfg.tokenizer.startswith("hf:"):
+        path = cfg.tokenizer[len("hf:"):]
+        if not os.path.exists(path):
+            raise ConfigError(f"config.data.tokenizer={cfg.tokenizer!r}: {path} does not exist; give the path of a "
+                              "Hugging Face tokenizer.json (or its directory)")
+        return tokenizers.HFTokenizer(path)
+    raise ConfigError(
+        f"config.data.tokenizer={cfg.tokenizer!r}; use 'byte', 'sentencepiece' or 'hf:PATH/tokenizer.json'")
 
 
 def _lm_example(token_bytes: np.ndarray) -> Callable[[dict], dict]:

@@ -1,9 +1,11 @@
-"""Tokenizers: bytes (the default) and a SentencePiece BPE trained on the train split."""
+"""Tokenizers: bytes (the default), a SentencePiece BPE trained on the train split, and a
+Hugging Face fast tokenizer (tokenizer.json, e.g. one shipped with an imported checkpoint)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pathlib
 import tempfile
@@ -75,6 +77,80 @@ class SentencePieceTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text."""
         return self.sp.decode([int(i) for i in ids if int(i) != self.eod_id])
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _uses_byte_level(component: dict | None) -> bool:
+    if not component:
+        return False
+    if component.get("type") == "ByteLevel":
+        return True
+    parts = component.get("decoders") or component.get("pretokenizers") or []
+    return any(_uses_byte_level(p) for p in parts)
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer read from its tokenizer.json (needs the `tokenizers` package).
+
+    The end-of-document id is the first of EOD_TOKENS the vocabulary has ('<|endoftext|>' for
+    GPT-2, '[SEP]' for BERT). `token_bytes` is exact for byte-level BPE (GPT-2 style) and the
+    UTF-8 length of the token's text otherwise (WordPiece '##' and SentencePiece '▁' markers
+    accounted for), so bits per byte are approximate for non-byte-level vocabularies.
+    """
+
+    EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "[SEP]")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise ImportError(
+                "config.data.tokenizer='hf:…' needs the tokenizers package (pip install tokenizers)") from None
+        path = pathlib.Path(path)
+        self.path = str(path / "tokenizer.json" if path.is_dir() else path)
+        self.tok = _Tokenizer.from_file(self.path)
+        self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
+        eod = next((i for t in self.EOD_TOKENS if (i := self.tok.token_to_id(t)) is not None), None)
+        if eod is None:
+            raise ValueError(f"{self.path} has none of the end-of-document tokens {self.EOD_TOKENS}")
+        self.eod_id = int(eod)
+        spec = json.loads(self.tok.to_str())
+        specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        byte_level = _uses_byte_level(spec.get("decoder")) or _uses_byte_level(spec.get("pre_tokenizer"))
+        alphabet = _byte_level_alphabet() if byte_level else {}
+        prefix = (spec.get("model") or {}).get("continuing_subword_prefix") or ""
+        self.token_bytes = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            token = self.tok.id_to_token(i)
+            if token is None or i in specials:
+                continue
+            if byte_level and all(c in alphabet for c in token):
+                self.token_bytes[i] = len(token)  # one character per byte
+            else:
+                if prefix and token.startswith(prefix):
+                    token = token[len(prefix):]
+                self.token_bytes[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+
+    def encode(self, text: bytes | str) -> np.ndarray:
+        """Text -> int32 ids (no special tokens added)."""
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; special ids are dropped."""
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def _lines(texts: Iterable[bytes | str], max_chars: int) -> Iterator[str]:

@@ -16,9 +16,10 @@ Parameter counting: `BertEncoder` holds exactly the parameters of HF `BertModel`
 embeddings, encoder layers and (with `add_pooler`) the pooler, no MLM head. BERT-base
 with V = 30522 counts 109,482,240 with the pooler and 108,891,648 without.
 
-Known differences from the reference: `layers.Mlp` uses tanh-approximated GELU (BERT's
-is exact erf), and `layers.Attention` has no dropout on attention probabilities.
-Token id 0 ([PAD]) is padding.
+Known differences from the reference: `layers.Attention` has no dropout on attention
+probabilities. The MLP activation is the exact erf GELU of the reference by default
+(`model.activation`; 'gelu_tanh' is the cheaper approximation). Token id 0 ([PAD]) is
+padding: keys holding it are masked out.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         d_ff=0,  # 0 means 4·d_model
         dropout=0.1,
         layer_norm_eps=1e-12,
+        activation="gelu",  # MLP activation: 'gelu' (exact erf, as the reference), 'gelu_tanh' or 'relu'
         num_classes=2,  # used when head == 'classify'
         dtype="float32",
         attention_impl="",  # '' lets JAX choose; 'xla' or 'cudnn' to force one
@@ -83,6 +85,7 @@ class BertConfig:
     dropout: float = 0.1  # hidden dropout: embeddings, attention output, MLP output, classifier
     num_classes: int = 2  # BertClassifier only
     layer_norm_eps: float = 1e-12
+    activation: str = "gelu"  # MLP activation, a key of layers.ACTIVATIONS
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention_impl: str = ""
 
@@ -147,7 +150,7 @@ class BertLayer(nn.Module):
         )(x, mask=mask, train=train)
         x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_ln")(x + h)
         x = layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
-        h = layers.Mlp(cfg.hidden, cfg.dropout, dtype=dtype, name="mlp")(x, train=train)
+        h = layers.Mlp(cfg.hidden, cfg.dropout, dtype=dtype, activation=cfg.activation, name="mlp")(x, train=train)
         x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_ln")(x + h)
         return layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
 
