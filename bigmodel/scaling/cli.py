@@ -2,9 +2,13 @@
 
     bigmodel scaling fit RESULTS.csv --out OUTDIR [--budgets 1e18,1e20] [--bootstrap N] [--seed S]
 
-writes OUTDIR/fit.json and PNG plots and prints a summary table. Further subcommands
-(`report`, `coordcheck`) hang off the same `scaling` parser: add a function like
-`_add_fit` and call it from `register`.
+writes OUTDIR/fit.json and PNG plots and prints a summary table.
+
+    bigmodel scaling report SWEEP_DIR [--no-fit]
+
+prints the runs of a sweep (finished, running with progress, failed with the error, planned)
+and its current fit; it works while the sweep is still running. Further subcommands hang off
+the same `scaling` parser: add a function like `_add_fit` and call it from `register`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     commands = scaling.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND",
                                       required=True)
     _add_fit(commands)
+    _add_report(commands)
+    from bigmodel.scaling import coordcheck
+
+    coordcheck.add_parser(commands)
     return scaling
 
 
@@ -98,6 +106,29 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
                                      "isoFLOP budget [default: %(default)s]")
     p.add_argument("--no-plots", action="store_true", help="write fit.json only")
     p.set_defaults(func=run_fit)
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    """The `scaling report` subcommand."""
+    p = commands.add_parser(
+        "report", help="table of a sweep's runs and its current fit (also while it runs)",
+        description="Print every run of a sweep directory (finished, running with its step and ETA, "
+                    "failed with its error, planned) from results.csv and the runs' metrics.jsonl, "
+                    "then the scaling fit of the finished runs.")
+    p.add_argument("workdir", type=Path, metavar="SWEEP_DIR", help="the --workdir of `bigmodel sweep`")
+    p.add_argument("--no-fit", action="store_true", help="the table only")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Run `bigmodel scaling report`."""
+    from bigmodel.scaling import report
+
+    try:
+        print(report.format_report(args.workdir, fit=not args.no_fit))
+    except FileNotFoundError as e:
+        raise SystemExit(f"bigmodel scaling report: error: {e}") from None
+    return 0
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -1,0 +1,350 @@
+"""Reading a sweep directory: results.csv, live progress of running runs, the current fit, plots.
+
+    bigmodel scaling report DIR
+
+prints one line per planned run (finished, running with its step and ETA, failed with its
+error, planned) and the scaling fit of the finished runs; it only reads files, so it works
+while the sweep is still running. The same module writes results.csv atomically and draws
+the sweep's own plots (loss against parameters per budget, loss against compute per size,
+and model families overlaid).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = "results.csv"
+# `flops` is 6·N·D with N counting embeddings; `flops_with_attention` is the trainer's count.
+COLUMNS = ("run", "model", "width", "depth", "params", "params_nonembed", "tokens", "steps", "flops",
+           "flops_with_attention", "learning_rate", "budget_tokens", "budget_flops", "loss",
+           "bits_per_byte", "wall_s", "status", "error")
+STATUSES = ("finished", "running", "failed", "planned")
+FIT_STARTS = ("hoffmann", "small")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def write_csv_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows as CSV via a temporary file and os.replace: readers never see a partial table."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="raise", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)  # formatting errors surface here, before the file is touched
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        tmp.write_text(buffer.getvalue())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_rows(workdir: str | Path) -> list[dict[str, str]]:
+    """The rows of DIR/results.csv as written by `bigmodel sweep`."""
+    path = Path(workdir) / RESULTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; is {workdir} a sweep directory (bigmodel sweep --workdir)?")
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def duration(seconds: float) -> str:
+    """Seconds as '45s', '12m05s' or '3h20m'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _num(text: Any) -> float:
+    """A CSV cell as a float (NaN when empty)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _count(text: Any) -> str:
+    """A count cell as 1.2M etc."""
+    value = _num(text)
+    if not math.isfinite(value):
+        return "?"
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def live_progress(run_dir: Path, steps: int) -> str:
+    """'step 40/122, loss 2.10, 5.2k tok/s, ETA 16s, updated 3s ago' from a running run's metrics.jsonl."""
+    from bigmodel.metrics import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(path)
+    if not rows:
+        return "starting (no metrics yet)"
+    last = rows[-1]
+    text = f"step {last['step']}/{steps}, loss {last.get('loss', math.nan):.3f}"
+    rate = last.get("tokens_per_s")
+    if rate:
+        tokens_per_step = _tokens_per_step(run_dir)
+        text += f", {_count(rate)} tok/s"
+        if tokens_per_step:
+            text += f", ETA {duration((steps - last['step']) * tokens_per_step / rate)}"
+    import time
+
+    return text + f", updated {duration(time.time() - path.stat().st_mtime)} ago"
+
+
+def _process_gone(run_dir: Path) -> bool:
+    """Whether a run marked running was started on this host by a process that no longer exists."""
+    try:
+        status = json.loads((run_dir / "sweep_status.json").read_text())
+        if status.get("host") != os.uname().nodename:
+            return False  # another node of a cluster: cannot tell from here
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+    return False
+
+
+def _tokens_per_step(run_dir: Path) -> int:
+    """batch_size * seq_len from the run's config.json (0 when unreadable)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        return int(config["train"]["batch_size"]) * int(config["data"]["seq_len"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0
+
+
+def _cell(value: float, spec: str) -> str:
+    """A number formatted by spec, or '' when it is missing."""
+    return format(value, spec) if math.isfinite(value) else ""
+
+
+def format_table(workdir: Path, rows: Sequence[dict[str, str]]) -> str:
+    """The runs as a fixed-width table, with live progress for running runs."""
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    lines = [f"{workdir}: {len(rows)} runs: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES),
+             f"{'run':<28}{'params':>8}{'tokens':>8}{'6ND':>10}{'loss':>8}{'bpb':>7}{'wall':>8}  status"]
+    for r in rows:
+        status = r["status"]
+        if status == "running":
+            run_dir = workdir / "runs" / r["run"]
+            status += f": {live_progress(run_dir, int(_num(r['steps'])))}"
+            if _process_gone(run_dir):
+                status += " (its process is gone: the sweep was stopped; rerun it to resume)"
+        elif status == "failed":
+            status += f": {r['error']}"
+        wall = _num(r["wall_s"])
+        lines.append(
+            f"{r['run']:<28}{_count(r['params']):>8}{_count(r['tokens']):>8}{_cell(_num(r['flops']), '.3g'):>10}"
+            f"{_cell(_num(r['loss']), '.4f'):>8}{_cell(_num(r['bits_per_byte']), '.3f'):>7}"
+            f"{duration(wall) if math.isfinite(wall) else '':>8}  {status}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+def _fit_dir(workdir: Path, family: str, families: Sequence[str]) -> Path:
+    """Where `bigmodel sweep` writes a family's fit: DIR/fit, or DIR/fit/FAMILY with several."""
+    return workdir / "fit" if len(families) == 1 else workdir / "fit" / family
+
+
+def _scaling_data(rows: Sequence[dict[str, Any]]):
+    """ScalingData (fit API) from finished rows; flops are the 6ND column."""
+    from bigmodel.scaling import fit as fitlib
+
+    family = rows[0]["model"] if rows else "?"
+    return fitlib.from_arrays([_num(r["params"]) for r in rows], [_num(r["tokens"]) for r in rows],
+                              [_num(r["loss"]) for r in rows], [_num(r["flops"]) for r in rows],
+                              source=f"{RESULTS} ({family}, finished runs)")
+
+
+def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffmann", n_bootstrap: int = 100) -> str:
+    """Fit finished rows and write outdir/fit.json with the fit plots; returns a one-line outcome."""
+    from bigmodel.scaling import fit as fitlib
+    from bigmodel.scaling import plot
+
+    if starts not in FIT_STARTS:
+        raise ValueError(f"config.sweep.fit_starts={starts!r}; use one of {FIT_STARTS}")
+    if len(rows) < fitlib.MIN_POINTS_APPROACH3:
+        return f"skipped: {len(rows)} finished runs; approach 3 needs {fitlib.MIN_POINTS_APPROACH3}"
+    try:
+        data = _scaling_data(rows)
+        grid = fitlib.hoffmann_grid() if starts == "hoffmann" else fitlib.small_grid()
+        result = fitlib.fit_all(data, n_bootstrap=n_bootstrap, starts=grid)
+    except fitlib.ScalingDataError as e:
+        return f"skipped: {e}"
+    except ArithmeticError as e:  # an optimum at absurd parameters (too few or too noisy runs)
+        return f"failed: the approach-3 optimiser diverged ({e}); add runs or budgets"
+    outdir.mkdir(parents=True, exist_ok=True)
+    result.plots = plot.plot_all(result, outdir)
+    from bigmodel.metrics import atomic_write_text
+
+    atomic_write_text(outdir / "fit.json", json.dumps(result.to_json(), indent=2) + "\n")
+    f3 = result.approach3
+    return f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}; wrote {outdir / 'fit.json'}"
+
+
+def summarize_fit(fit: dict[str, Any]) -> list[str]:
+    """A few lines from a fit.json dict: approach 3, approach 2 and the Kaplan exponents."""
+    a3 = fit["approach3"]
+    lines = [(f"  L(N, D) = E + A/N^alpha + B/D^beta: E={a3['E']:.4g} A={a3['A']:.4g} B={a3['B']:.4g} "
+              f"alpha={a3['alpha']:.4g} beta={a3['beta']:.4g}; N_opt ~ C^{a3['a']:.3f}, "
+              f"D_opt ~ C^{a3['b']:.3f} (RMS log residual {a3['rms_log_residual']:.3g})")]
+    a2 = fit.get("approach2", {})
+    lines.append("  approach 2: " + (f"skipped ({a2['skipped']})" if "skipped" in a2 else f"a={a2['a']:.3f}, b={a2['b']:.3f}"))
+    for variable, k in fit.get("kaplan", {}).items():
+        lines.append(f"  Kaplan L({variable}): " + (f"skipped ({k['skipped']})" if "skipped" in k
+                                                    else f"alpha={k['alpha']:.4g}, x_c={k['x_c']:.3g}"))
+    return lines
+
+
+def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
+    """Per family: the sweep's fit.json if it covers every finished run, else a quick fit now."""
+    from bigmodel.scaling import fit as fitlib
+
+    families = list(dict.fromkeys(r["model"] for r in rows))
+    lines = []
+    for family in families:
+        finished = [r for r in rows if r["model"] == family and r["status"] == "finished"]
+        path = _fit_dir(workdir, family, families) / "fit.json"
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is not None and saved.get("n_points") == len(finished):
+            lines += [f"fit of {family} ({path}, {len(finished)} runs):", *summarize_fit(saved)]
+            continue
+        if len(finished) < fitlib.MIN_POINTS_APPROACH3:
+            lines.append(f"fit of {family}: not yet ({len(finished)} finished runs; "
+                         f"approach 3 needs {fitlib.MIN_POINTS_APPROACH3})")
+            continue
+        try:
+            quick = fitlib.fit_all(_scaling_data(finished), n_bootstrap=0, starts=fitlib.small_grid())
+        except fitlib.ScalingDataError as e:
+            lines.append(f"fit of {family}: not yet ({len(finished)} finished runs): {e}")
+            continue
+        except ArithmeticError as e:
+            lines.append(f"fit of {family}: the optimiser diverged on {len(finished)} finished runs ({e})")
+            continue
+        lines.append(f"fit of {family} (quick look at {len(finished)} finished runs: 32 starts, "
+                     "no bootstrap; the sweep writes the full fit when it ends):")
+        lines += summarize_fit(quick.to_json())
+    return lines
+
+
+def format_report(workdir: str | Path, fit: bool = True) -> str:
+    """The report printed by `bigmodel scaling report DIR`."""
+    workdir = Path(workdir)
+    rows = read_rows(workdir)
+    text = format_table(workdir, rows)
+    if fit:
+        text += "\n\n" + "\n".join(current_fit(workdir, rows))
+    return text
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _axes(title: str, xlabel: str):
+    """A Figure (Agg canvas, no pyplot) with one log-log axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(7.0, 4.8), dpi=130, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final validation loss (nats/token)")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 3.5 rather than 3.5x10^0 on the loss axis
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    return fig, ax
+
+
+def _budget(row: dict[str, Any]) -> tuple[str, float]:
+    """('tokens' or 'FLOPs', value) of the budget a run belongs to."""
+    if _num(row["budget_tokens"]) > 0:
+        return "tokens", _num(row["budget_tokens"])
+    return "FLOPs", _num(row["budget_flops"])
+
+
+def _groups(rows: Iterable[dict[str, Any]], key) -> dict[Any, list[dict[str, Any]]]:
+    """Rows grouped by key(row), in first-seen order."""
+    out: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def plot_loss_vs_params(rows: Sequence[dict[str, Any]], path: Path, x: str = "params") -> None:
+    """Loss against parameters, one line per (family, budget): colour is the budget, marker the family."""
+    from matplotlib import colormaps
+
+    label = "parameters N (with embeddings)" if x == "params" else "non-embedding parameters"
+    fig, ax = _axes("Loss against model size per budget", label)
+    budgets = sorted({_budget(r) for r in rows}, key=lambda b: b[1])
+    colours = {b: colormaps["viridis"](v) for b, v in zip(budgets, [i / max(len(budgets) - 1, 1) * 0.85 for i in range(len(budgets))])}
+    families = list(dict.fromkeys(r["model"] for r in rows))
+    for (family, budget), group in _groups(rows, lambda r: (r["model"], _budget(r))).items():
+        group = sorted(group, key=lambda r: _num(r[x]))
+        ax.plot([_num(r[x]) for r in group], [_num(r["loss"]) for r in group], color=colours[budget],
+                marker=MARKERS[families.index(family) % len(MARKERS)], ls="-" if families.index(family) == 0 else "--",
+                label=f"{family}, {_count(budget[1])} {budget[0]}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path)
+
+
+def plot_loss_vs_compute(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Loss against 6ND compute, one line per model size (the budgets of one size joined)."""
+    fig, ax = _axes("Loss against compute per model size", "training compute 6·N·D (FLOPs)")
+    for (family, width), group in _groups(rows, lambda r: (r["model"], r["width"])).items():
+        group = sorted(group, key=lambda r: _num(r["flops"]))
+        ax.plot([_num(r["flops"]) for r in group], [_num(r["loss"]) for r in group], marker="o",
+                label=f"{family} w{width} ({_count(group[0]['params'])} params)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path)
+
+
+def plot_families(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Kaplan et al. 2020 fig. 7 style: L(N_nonembed) of every family at its largest budget."""
+    fig, ax = _axes("Model families: loss against non-embedding parameters", "non-embedding parameters")
+    for family, group in _groups(rows, lambda r: r["model"]).items():
+        top = max(_budget(r)[1] for r in group)
+        group = sorted((r for r in group if _budget(r)[1] == top), key=lambda r: _num(r["params_nonembed"]))
+        ax.plot([_num(r["params_nonembed"]) for r in group], [_num(r["loss"]) for r in group], marker="o",
+                label=f"{family} ({_count(top)} {_budget(group[0])[0]})")
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], outdir: Path) -> list[Path]:
+    """The sweep's plots from finished rows into outdir; returns the files written."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = [outdir / "loss_vs_params.png", outdir / "loss_vs_compute_by_size.png"]
+    plot_loss_vs_params(rows, written[0])
+    plot_loss_vs_compute(rows, written[1])
+    if len({r["model"] for r in rows}) > 1:
+        written.append(outdir / "families_loss_vs_params.png")
+        plot_families(rows, written[-1])
+    return written

@@ -1,0 +1,153 @@
+r"""Scaling sweep: byte-level GPTs on the CPython standard library, 4 sizes × 3 token budgets.
+
+Command:   bigmodel sweep --config experiments/scaling/gpt_stdlib.py --workdir runs/sweep_gpt_stdlib
+           (and `bigmodel scaling report runs/sweep_gpt_stdlib` at any time)
+Hardware:  2 CPU cores, one run at a time (the default --parallel 1: each run uses every core).
+Wall time: about 15-20 minutes on 2 lightly loaded cores, 30-35 when other jobs share them:
+           11.5M training tokens in all, planned from throughputs measured on this kind of
+           machine (25k, 12k and 12k tokens/s at widths 64, 96 and 128 with light load, about
+           half that under heavy load), plus about 12 s of start-up and compilation per run,
+           the validation passes, and 1-3 minutes for the final fit with bootstrap.
+Expected:  12 finished runs in results.csv; loss falls with N at every budget and with D at
+           every size, the largest model at the largest budget near 2 nats/token (about 2.9
+           bits/byte; estimated before the first full run, check the report).
+           DIR/fit/fit.json holds L(N, D) = E + A/N^alpha + B/D^beta with bootstrap intervals;
+           over one decade of N and a factor 4 in D read alpha and beta as local slopes.
+
+Plan:      widths 48, 64, 96, 128; depth = width / 32 rounded (2, 2, 3, 4 layers); head dim 16;
+           81k, 130k, 380k and 860k parameters with embeddings. Token budgets 410k, 820k and
+           1.6M (100, 200, 400 steps of 32 × 128 tokens). Learning rate 3e-3 at width 128,
+           scaled by 128/width; warmup 5% of each run; cosine to 10% at each run's end.
+
+Variants:  ':isoflop' three compute budgets (5e11, 1.5e12, 4.5e12 FLOPs = 6ND) over the same
+           ladder for isoFLOP profiles (approach 2), 26M tokens, about 20-40 minutes; ':tiny'
+           3 one-layer widths × 2 budgets of 16 and 48 steps, seconds per run (the tests run
+           it end to end with --config.base.data.source pointing at a small corpus).
+"""
+
+import ml_collections
+
+from bigmodel import sharding
+from bigmodel.models import gpt
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The training config every run starts from (the groups of experiments/gpt_tiny.py)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "lm"
+    c.model = gpt.model_config("tiny")  # width, depth and heads are set per run by the ladder
+    c.model.max_len = 128
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "text_files"
+    c.data.source = ""  # '' = this Python's stdlib sources
+    c.data.validation_fraction = 0.05
+    c.data.data_dir = ""  # TFDS default (~/tensorflow_datasets)
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.text_key = "text"
+    c.data.tokenizer = "byte"
+    c.data.spm_vocab_size = 4096
+    c.data.seq_len = 128
+    c.data.prefetch = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 3e-3  # at sweep.base_width; other widths scale it
+    c.optim.warmup_steps = 20  # replaced by sweep.warmup_fraction
+    c.optim.decay_steps = 0  # the sweep ends every schedule at its run's last step
+    c.optim.end_lr_ratio = 0.1
+    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100  # set per run from its token budget
+    c.train.batch_size = 32
+    c.train.grad_accum = 1
+    c.train.on_nonfinite = "halt"
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 200  # and always at a run's last step (the loss in results.csv)
+    c.eval.batch_size = 32
+    c.eval.num_batches = 16  # 65k validation tokens
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200
+    c.checkpoint.keep = 1
+    c.checkpoint.async_save = True
+    c.checkpoint.on_error = "stop"
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 20
+    c.log.progress = False
+
+    c.init = ml_collections.ConfigDict()
+    c.init.workdir = ""  # every sweep run starts from scratch
+    c.init.params = ()
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = sharding.DEFAULT_RULES
+    return c
+
+
+def sweep_config() -> ml_collections.ConfigDict:
+    """The plan: ladder, budgets, size rules and fit settings (see bigmodel/scaling/sweep.py)."""
+    s = ml_collections.ConfigDict()
+    s.mode = "grid"  # 'grid': widths × tokens; 'isoflop': widths × flops with D = C / 6N
+    s.families = ("gpt",)  # run-id prefixes; other families are overlays in config.families
+    s.widths = (48, 64, 96, 128)
+    s.num_layers = 0  # 0: depth = round(width / aspect_ratio), at least 1
+    s.aspect_ratio = 32.0
+    s.head_dim = 16
+    s.tokens = (409_600, 819_200, 1_638_400)  # grid budgets: 100, 200, 400 steps of 4,096 tokens
+    s.flops = (5e11, 1.5e12, 4.5e12)  # isoFLOP budgets (6·N·D, N with embeddings)
+    s.min_steps = 20  # planned runs shorter than this are left out
+    s.base_width = 128  # the width at which base.optim.learning_rate is tuned
+    s.lr_exponent = 1.0  # lr = base lr * (base_width / width) ** lr_exponent
+    s.warmup_fraction = 0.05  # warmup = 5% of each run's steps (0: base.optim.warmup_steps)
+    s.run_overrides = ()  # 'PATTERN:key=value', e.g. 'gpt_w128_*:train.grad_accum=2'
+    s.fit_starts = "hoffmann"  # approach-3 starts: 'hoffmann' (4,500) or 'small' (32)
+    s.fit_bootstrap = 100  # bootstrap resamples for the fit's intervals
+    return s
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """The sweep config: base training config, plan, and (no) extra families."""
+    c = ml_collections.ConfigDict()
+    c.base = base_config()
+    c.sweep = sweep_config()
+    c.families = ml_collections.ConfigDict()  # e.g. experiments/scaling/transformer_vs_lstm.py
+    if arg == "isoflop":
+        c.sweep.mode = "isoflop"
+    elif arg == "tiny":
+        # Seconds per run, dominated by start-up and compilation; steps are nearly free.
+        c.base.data.seq_len = 64
+        c.base.train.batch_size = 8
+        c.base.optim.learning_rate = 1e-2
+        c.base.eval.batch_size = 8
+        c.base.eval.num_batches = 2
+        c.base.eval.every = 48
+        c.base.checkpoint.every = 48
+        c.base.checkpoint.async_save = False
+        c.base.log.every = 8
+        c.sweep.widths = (16, 32, 64)
+        c.sweep.num_layers = 1
+        c.sweep.head_dim = 16
+        c.sweep.base_width = 32
+        c.sweep.lr_exponent = 0.0  # one rate: at a few dozen steps the wider models need it
+        c.sweep.tokens = (8192, 24576)  # 16 and 48 steps of 512 tokens
+        c.sweep.flops = (2e9, 6e9)
+        c.sweep.min_steps = 4
+        c.sweep.warmup_fraction = 0.25
+        c.sweep.fit_starts = "small"
+        c.sweep.fit_bootstrap = 0
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} for gpt_stdlib; use ':tiny', ':isoflop' or nothing")
+    return c
