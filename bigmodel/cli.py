@@ -9,8 +9,13 @@ from typing import Sequence
 
 from bigmodel.config import ConfigError
 
+# Exit codes besides 0 (done), 2 (config error) and 75 (preempted, checkpoint saved: rerun).
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 74  # EX_IOERR
+
 # Modules that add their own subcommands through `register(subparsers)`.
-COMMAND_MODULES = ("bigmodel.scaling.cli",)
+COMMAND_MODULES = ("bigmodel.scaling.cli", "bigmodel.launch", "bigmodel.plan", "bigmodel.scaling.sweep", "bigmodel.hf",
+                   "bigmodel.seq2seq_eval", "bigmodel.bench")
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -33,10 +38,24 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train or resume a run."""
-    from bigmodel import config as config_lib, train
+    from bigmodel import config as config_lib, distributed
+
+    # Join the multi-process run (if any) before anything touches a JAX device.
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from bigmodel import checkpoint, train
 
     config = config_lib.load(args.config, args.overrides)
-    train.train(config, args.workdir)
+    try:
+        train.train(config, args.workdir, restart=args.restart)
+    except train.Preempted as e:
+        print(f"bigmodel: preempted: {e}", file=sys.stderr, flush=True)
+        return train.PREEMPTED_EXIT_CODE
+    except train.NonFiniteError as e:
+        print(f"bigmodel: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    except checkpoint.CheckpointError as e:
+        print(f"bigmodel: checkpoint error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
     return 0
 
 
@@ -60,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a run; --config.KEY=VALUE overrides any config value")
     p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
     p.add_argument("--workdir", required=True, help="run directory; an existing one is resumed")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--coordinator", default=None,
+                   help="host:port of process 0 (default: from Slurm, Kubernetes, TPU or BIGMODEL_* variables)")
+    p.add_argument("--num_processes", "--num-processes", type=int, default=None, help="processes in the run")
+    p.add_argument("--process_id", "--process-id", type=int, default=None, help="this process's index")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: move the workdir's checkpoints and logs to WORKDIR/previous-TIME/ first")
+    p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser("generate", help="sample from the latest checkpoint of a workdir")
     p.add_argument("--workdir", required=True)
@@ -84,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest, overrides = _split_overrides(argv)
         args = build_parser().parse_args(rest)
         args.overrides = overrides
-        if overrides and args.command != "train":
-            raise ConfigError(f"--config.* overrides only apply to 'train', not {args.command!r}")
+        if overrides and not getattr(args, "takes_overrides", False):
+            raise ConfigError(f"--config.* overrides do not apply to {args.command!r}")
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"bigmodel: config error: {e}", file=sys.stderr)

@@ -76,10 +76,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                       required=True)
     _add_fit(commands)
     _add_report(commands)
-    from bigmodel.scaling import coordcheck
-
-    coordcheck.add_parser(commands)
+    _add_coordcheck(commands)
     return scaling
+
+
+def _run_coordcheck(args: argparse.Namespace) -> int:
+    from bigmodel.scaling import coordcheck  # imports JAX: only when this command runs
+
+    return coordcheck.cmd_coordcheck(args)
+
+
+def _add_coordcheck(commands: argparse._SubParsersAction) -> None:
+    """`bigmodel scaling coordcheck`: muP activation sizes against width."""
+    p = commands.add_parser("coordcheck", help="muP coordinate check: activation size against width")
+    p.add_argument("--config", required=True, help="a GPT experiment, e.g. experiments/gpt_tiny.py:tiny")
+    p.add_argument("--widths", default="64,128,256,512")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--head_dim", "--head-dim", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_run_coordcheck, takes_overrides=True)
 
 
 def _add_fit(commands: argparse._SubParsersAction) -> None:

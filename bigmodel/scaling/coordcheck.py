@@ -126,14 +126,3 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
         print(f"{name}: largest max/min over widths: {worst[1]:.2f} ({worst[0]})")
     print(f"wrote {out / 'coordcheck.json'} and {out / 'coordcheck.png'}")
     return 0
-
-
-def add_parser(scaling_sub: Any) -> None:
-    """Add `bigmodel scaling coordcheck` to the scaling subcommands."""
-    p = scaling_sub.add_parser("coordcheck", help="muP coordinate check: activation size against width")
-    p.add_argument("--config", required=True, help="a GPT experiment, e.g. experiments/gpt_tiny.py:tiny")
-    p.add_argument("--widths", default="64,128,256,512")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--head_dim", "--head-dim", type=int, default=16)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_coordcheck, takes_overrides=True)

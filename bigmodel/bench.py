@@ -1,0 +1,191 @@
+"""Benchmarks that print figures (one JSON object per benchmark on stdout).
+
+  bigmodel bench train   --config … [--steps N]   the jitted train step alone
+  bigmodel bench data    --config … [--batches N] the input pipeline alone
+  bigmodel bench compare --config … [--steps N]   bigmodel vs a PyTorch eager GPT of the
+                                                  same shapes, side by side in one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import ml_collections
+
+from bigmodel import config as config_lib
+
+# JAX and the trainer are imported inside the benchmarks so that registering the
+# `bench` command costs nothing for the other commands.
+
+
+def _peak_memory_bytes() -> int:
+    """Peak device memory where the backend reports it, else this process's peak RSS."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _median_step(run_step, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        run_step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Time the compiled train step on real batches (data loading excluded)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from bigmodel import data as data_lib, flops, sharding, train
+
+    sizes = config_lib.validate(config, jax.device_count())
+    mesh, rules, module, task, tx, schedule = train.setup_model(config, sizes)
+    data = data_lib.build(config, shard=(jax.process_index(), jax.process_count()))
+    it = iter(data.train)
+    local = [next(it) for _ in range(min(steps + warmup, 8))]
+    micro = config.train.batch_size // config.train.grad_accum
+    dummy = {k: np.zeros((micro, *v.shape[1:]), v.dtype) for k, v in local[0].items()}
+    state, shardings, abstract = train.sharded_init(
+        train.init_fn(module, task, tx, dummy), jax.random.key(config.seed), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batches = [sharding.global_batch(b, mesh) for b in local]
+        start = time.perf_counter()
+        step_fn = jax.jit(
+            train.make_train_step(module, task, tx, schedule, config.train.grad_accum),
+            in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+        ).lower(state, batches[0], jax.random.key(1)).compile()
+        compile_s = time.perf_counter() - start
+        holder = {"state": state, "i": 0}
+
+        def run_step() -> None:
+            batch = batches[holder["i"] % len(batches)]
+            holder["state"], mets = step_fn(holder["state"], batch, jax.random.key(1))
+            jax.block_until_ready(mets["loss"])
+            holder["i"] += 1
+
+        step_s = _median_step(run_step, steps, warmup)
+    params = flops.param_count(abstract.params)
+    units = config.train.batch_size * data.units_per_example
+    if config.model.name == "gpt":
+        per_unit = flops.gpt_flops_per_token(
+            config.model, params - flops.embedding_param_count(abstract.params), config.data.seq_len)
+    else:
+        per_unit = float(step_fn.cost_analysis().get("flops", math.nan)) / units
+    peak, source = flops.peak_flops()
+    return {
+        "name": f"train/{config.model.name}:{config.model.size}",
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        f"{task.units}_per_s": units / step_s,
+        "step_s": step_s,
+        "compile_s": compile_s,
+        f"flops_per_{task.units[:-1]}": per_unit,
+        "achieved_flops": per_unit * units / step_s,
+        "mfu": per_unit * units / step_s / peak,
+        "peak_flops": peak,
+        "peak_flops_source": source,
+        "peak_memory_bytes": _peak_memory_bytes(),
+        "params": params,
+    }
+
+
+def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any]:
+    """Examples or tokens per second delivered by the input pipeline alone."""
+    from bigmodel import data as data_lib
+
+    data = data_lib.build(config, shard=(0, 1))
+    it = iter(data.train)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    seconds = time.perf_counter() - start
+    units = batches * config.train.batch_size * data.units_per_example
+    kind = "tokens" if data.units_per_example > 1 else "examples"
+    return {"name": f"data/{config.data.name}", f"{kind}_per_s": units / seconds, "batches": batches,
+            "seconds": seconds}
+
+
+def bench_torch_gpt(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """A plain PyTorch eager GPT with the same shapes, AdamW and FLOP count."""
+    import torch
+
+    from bigmodel import flops, torch_gpt
+
+    m = config.model
+    model = torch_gpt.GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
+                          d_model=m.d_model, num_heads=m.num_heads, d_ff=m.d_ff or 4 * m.d_model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.optim.learning_rate, betas=(config.optim.b1, config.optim.b2),
+                            weight_decay=config.optim.weight_decay)
+    batch, seq = config.train.batch_size, config.data.seq_len
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 257, (batch, seq + 1), generator=gen)
+
+    def run_step() -> None:
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        opt.step()
+
+    step_s = _median_step(run_step, steps, warmup)
+    params = sum(p.numel() for p in model.parameters())
+    embed = model.wte.weight.numel() + model.wpe.weight.numel()
+    per_token = flops.gpt_flops_per_token(m, params - embed, seq)
+    return {"name": "train/torch-eager-gpt", "device_kind": "cpu", "threads": torch.get_num_threads(),
+            "tokens_per_s": batch * seq / step_s, "step_s": step_s, "flops_per_token": per_token,
+            "achieved_flops": per_token * batch * seq / step_s, "params": params}
+
+
+def _emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one benchmark kind and print JSON lines."""
+    config = config_lib.load(args.config, args.overrides)
+    if args.kind == "data":
+        _emit(bench_data(config, args.batches))
+        return 0
+    if args.kind == "train":
+        _emit(bench_train(config, args.steps))
+        return 0
+    if config.model.name != "gpt":
+        print("bigmodel: bench compare needs a GPT config", file=sys.stderr)
+        return 2
+    ours = bench_train(config, args.steps)
+    _emit(ours)
+    theirs = bench_torch_gpt(config, args.steps)
+    _emit(theirs)
+    _emit({"name": "compare", "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+           "measured_peak_flops": ours["peak_flops"], "bigmodel_mfu": ours["mfu"],
+           "torch_mfu": theirs["achieved_flops"] / ours["peak_flops"]})
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add `bigmodel bench {train,data,compare}`."""
+    p = sub.add_parser("bench", help="benchmarks that print JSON figures")
+    p.add_argument("kind", choices=("train", "data", "compare"))
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (median reported)")
+    p.add_argument("--batches", type=int, default=200, help="batches for 'data'")
+    p.set_defaults(func=cmd_bench, takes_overrides=True)
