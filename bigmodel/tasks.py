@@ -6,7 +6,8 @@ batches combine exactly; `reduce_metrics` turns them into means.
 Batch formats (host-local numpy, first axis the batch):
   lm       inputs [B,T] int, targets [B,T] int, weights [B,T], target_bytes [B,T]
   mlm      inputs [B,T] int (masked), targets [B,T] int, weights [B,T] (1 where masked)
-  classify inputs [B,...] (images [B,H,W,C] float or tokens [B,T] int), labels [B] int
+  classify inputs [B,...] (images [B,H,W,C] float or tokens [B,T] int), labels [B] int,
+           optional weights [B] (0 = padding row, not counted)
   seq2seq  inputs [B,S] int (source), decoder_inputs [B,T] int (BOS + target), targets [B,T], weights [B,T]
 """
 
@@ -88,9 +89,16 @@ class Classification(Task):
     name = "classify"
 
     def loss_and_metrics(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Metrics]:
-        """Mean cross-entropy and accuracy over the batch."""
+        """Mean cross-entropy and accuracy over the batch (over weighted rows if it has 'weights')."""
         labels = batch["labels"]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        if "weights" in batch:
+            # Optional [B] weights: 0 marks the padding of a last evaluation batch.
+            weights = batch["weights"].astype(jnp.float32)
+            count = weights.sum()
+            correct = ((jnp.argmax(logits, -1) == labels) * weights).sum()
+            loss_sum = (nll * weights).sum()
+            return loss_sum / jnp.maximum(count, 1.0), {"loss": (loss_sum, count), "accuracy": (correct, count)}
         count = jnp.asarray(labels.shape[0], jnp.float32)
         correct = (jnp.argmax(logits, -1) == labels).sum()
         return nll.mean(), {"loss": (nll.sum(), count), "accuracy": (correct.astype(jnp.float32), count)}

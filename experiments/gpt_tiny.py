@@ -31,12 +31,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.text_key = "text"  # feature holding the text (e.g. 'text' for lm1b)
     c.data.tokenizer = "byte"  # 'byte' or 'sentencepiece' (BPE trained on the train split)
     c.data.spm_vocab_size = 4096
-    c.data.seq_len = 256
+    c.data.seq_len = 128
     c.data.prefetch = 0  # batches prefetched by a background thread
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-3
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = 50
     c.optim.decay_steps = 0  # 0 = train.steps; set it to stop early on the same schedule
     c.optim.end_lr_ratio = 0.1
     c.optim.weight_decay = 0.1
@@ -46,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1200
+    c.train.steps = 800
     c.train.batch_size = 32
     c.train.grad_accum = 1
     c.train.on_nonfinite = "halt"  # 'halt' names the step and stops; 'skip' drops that update and counts it
@@ -54,7 +54,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 400
     c.eval.batch_size = 32
-    c.eval.num_batches = 16
+    c.eval.num_batches = 40
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 400

@@ -29,6 +29,16 @@ from bigmodel.config import ConfigError
 from bigmodel.data import text_files, tokenizers
 
 
+# grain's default (16 threads, 500 elements ahead) starves the train step of CPU on small
+# machines; one reader thread a little ahead keeps up with packing on any machine we use.
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=32)
+
+
+# Evaluation reads the documents in one fixed shuffled order, the same for every run
+# seed, so a few evaluation batches sample many documents rather than the first few.
+EVAL_ORDER_SEED = 20_231_123
+
+
 @dataclasses.dataclass
 class TextSource:
     """The train and eval splits of a text dataset, plus an id that names its contents."""
@@ -122,18 +132,24 @@ def lm_dataset(
     seed: int | None,
     shard: tuple[int, int] = (0, 1),
     prefetch: int = 0,
+    repeat: bool = True,
 ) -> grain.IterDataset:
-    """This process's rows of packed global LM batches; seed=None means one ordered pass."""
+    """This process's rows of packed global LM batches.
+
+    seed=None reads the documents in order; repeat=False makes one pass (evaluation).
+    """
     index, count = shard
     if batch_size % count:
         raise ValueError(f"global batch {batch_size} is not divisible by the {count} processes")
     rows = slice(index * batch_size // count, (index + 1) * batch_size // count)
     ds = grain.MapDataset.source(docs)
     if seed is not None:
-        ds = ds.shuffle(seed=seed).repeat(None)
+        ds = ds.shuffle(seed=seed)
+    if seed is not None and repeat:
+        ds = ds.repeat(None)
     eod = np.asarray([tokenizer.eod_id], np.int32)
     ds = ds.map(lambda ex: {"tokens": np.concatenate([tokenizer.encode(ex[text_key]), eod])})
-    it = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+    it = ConcatThenSplitIterDataset(ds.to_iter_dataset(READ_OPTIONS), length_struct={"tokens": seq_len + 1})
     it = it.map(_lm_example(tokenizer.token_bytes)).batch(batch_size, drop_remainder=True)
     if count > 1:
         it = it.map(lambda batch: {k: v[rows] for k, v in batch.items()})
@@ -183,7 +199,7 @@ def lm_data(
     def eval_batches() -> Iterator[dict]:
         it = lm_dataset(
             source.eval, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
-            batch_size=eval_batch_size, seed=None, shard=shard,
+            batch_size=eval_batch_size, seed=EVAL_ORDER_SEED, shard=shard, repeat=False,
         )
         for i, batch in enumerate(it):
             if i >= num_eval_batches:

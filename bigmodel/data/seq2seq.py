@@ -34,7 +34,7 @@ import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset
 
 from bigmodel.config import ConfigError
-from bigmodel.data import tokenizers
+from bigmodel.data import pipeline, tokenizers
 
 ALGORITHMIC = ("addition", "reverse", "sort")
 # Seed of the held-out stream: the test set is the same for every run seed.
@@ -336,7 +336,7 @@ def seq2seq_dataset(
     def encode(pair: tuple[str, str]) -> dict:
         return encode_pair(tokenizer, *pair, cfg.source_len, cfg.target_len, cfg.bos_id, cfg.eos_id)
 
-    it = pairs.map(encode).batch(batch_size, drop_remainder=True).to_iter_dataset()
+    it = pairs.map(encode).batch(batch_size, drop_remainder=True).to_iter_dataset(pipeline.READ_OPTIONS)
     if shard[1] > 1:
         it = it.map(lambda batch: {k: v[rows] for k, v in batch.items()})
     if prefetch:
