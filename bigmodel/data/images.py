@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bigmodel.config import ConfigError
-from bigmodel.data import Data
+from bigmodel.data import Data, pipeline
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0  # fixed: the test split must not move with config.seed
@@ -145,15 +145,8 @@ class _Renamed(Sequence):
 
 def tfds_source(cfg: ml_collections.ConfigDict) -> ImageSource:
     """Open a prepared TFDS image dataset with `tfds.data_source` (clear errors otherwise)."""
-    data_dir = cfg.data_dir or None
-    try:
-        builder = tfds.builder(cfg.name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ConfigError(
-            f"config.data.name={cfg.name!r} is neither 'digits' nor a known TFDS dataset "
-            f"({str(e).splitlines()[0]}); use 'digits' or a TFDS image dataset such as 'mnist', "
-            "'cifar10' or 'imagenet2012'"
-        ) from None
+    builder = pipeline.tfds_builder(
+        cfg.name, cfg.data_dir, "use 'digits' or a TFDS image dataset such as 'mnist', 'cifar10' or 'imagenet2012'")
     features = builder.info.features
     for what in ("image", "label"):
         key = cfg[f"{what}_key"]
@@ -168,19 +161,7 @@ def tfds_source(cfg: ml_collections.ConfigDict) -> ImageSource:
         raise ConfigError(f"{cfg.name}'s images are {image.np_dtype}; only uint8 images are supported")
     label = features[cfg.label_key]
     num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
-    try:
-        train, evals = (
-            tfds.data_source(cfg.name, split=s, data_dir=data_dir, download=False)
-            for s in (cfg.train_split, cfg.eval_split)
-        )
-    except (AssertionError, FileNotFoundError, NotImplementedError):
-        raise ConfigError(
-            f"TFDS dataset {cfg.name!r} is not prepared in data_dir={str(builder.data_dir_root)!r} "
-            "(config.data.data_dir); prepare it there with "
-            f"`tfds build {cfg.name} --data_dir DIR --file_format array_record` on a machine with network"
-        ) from None
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"config.data.train_split/eval_split: {e}") from None
+    train, evals = pipeline.tfds_splits(cfg.name, cfg.data_dir, (cfg.train_split, cfg.eval_split), builder)
     return ImageSource(
         train=_Renamed(train, cfg.image_key, cfg.label_key),
         eval=_Renamed(evals, cfg.image_key, cfg.label_key),

@@ -39,6 +39,30 @@ READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=32)
 EVAL_ORDER_SEED = 20_231_123
 
 
+def tfds_builder(name: str, data_dir: str, suggestion: str) -> Any:
+    """The TFDS builder for `name`; an unknown name is a ConfigError ending with `suggestion`."""
+    try:
+        return tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ConfigError(
+            f"config.data.name={name!r} is not a known TFDS dataset ({str(e).splitlines()[0]}); {suggestion}"
+        ) from None
+
+
+def tfds_splits(name: str, data_dir: str, splits: Sequence[str], builder: Any) -> list[Any]:
+    """Random-access data sources of prepared splits, with the fix spelled out when they are not."""
+    try:
+        return [tfds.data_source(name, split=s, data_dir=data_dir or None, download=False) for s in splits]
+    except (AssertionError, FileNotFoundError, NotImplementedError):
+        raise ConfigError(
+            f"TFDS dataset {name!r} is not prepared in data_dir={str(builder.data_dir_root)!r} "
+            "(config.data.data_dir); prepare it there with "
+            f"`tfds build {name} --data_dir DIR --file_format array_record` on a machine with network"
+        ) from None
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"config.data.train_split/eval_split: {e}") from None
+
+
 @dataclasses.dataclass
 class TextSource:
     """The train and eval splits of a text dataset, plus an id that names its contents."""
@@ -59,27 +83,8 @@ def text_source(cfg: ml_collections.ConfigDict) -> TextSource:
             dataset_id=f"text_files/{builder.builder_config.name}/{builder.version}",
             text_key="text",
         )
-    data_dir = cfg.data_dir or None
-    try:
-        builder = tfds.builder(cfg.name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ConfigError(
-            f"config.data.name={cfg.name!r} is not a known TFDS dataset ({str(e).splitlines()[0]}); "
-            "use 'text_files' for your own files or a TFDS name such as 'lm1b'"
-        ) from None
-    try:
-        train, evals = (
-            tfds.data_source(cfg.name, split=s, data_dir=data_dir, download=False)
-            for s in (cfg.train_split, cfg.eval_split)
-        )
-    except (AssertionError, FileNotFoundError, NotImplementedError):
-        raise ConfigError(
-            f"TFDS dataset {cfg.name!r} is not prepared in data_dir={str(builder.data_dir_root)!r} "
-            "(config.data.data_dir); prepare it there with "
-            f"`tfds build {cfg.name} --data_dir DIR --file_format array_record` on a machine with network"
-        ) from None
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"config.data.train_split/eval_split: {e}") from None
+    builder = tfds_builder(cfg.name, cfg.data_dir, "use 'text_files' for your own files or a TFDS name such as 'lm1b'")
+    train, evals = tfds_splits(cfg.name, cfg.data_dir, (cfg.train_split, cfg.eval_split), builder)
     if len(train) and cfg.text_key not in train[0]:
         raise ConfigError(
             f"config.data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; features: {sorted(train[0])}"

@@ -188,19 +188,7 @@ def translation_source(cfg: ml_collections.ConfigDict) -> TranslationSource:
             f"config.data.source_lang={src!r} / target_lang={tgt!r} are not both features of {name}; "
             f"features: {sorted(keys)}"
         )
-    try:
-        train, evals = (
-            tfds.data_source(name, split=s, data_dir=data_dir, download=False)
-            for s in (cfg.train_split, cfg.eval_split)
-        )
-    except (AssertionError, FileNotFoundError, NotImplementedError):
-        raise ConfigError(
-            f"TFDS dataset {name!r} is not prepared in data_dir={str(builder.data_dir_root)!r} (config.data.data_dir); "
-            f"prepare it there with `tfds build {name} --data_dir DIR --file_format array_record` on a machine "
-            "with network"
-        ) from None
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"config.data.train_split/eval_split: {e}") from None
+    train, evals = pipeline.tfds_splits(name, cfg.data_dir, (cfg.train_split, cfg.eval_split), builder)
     return TranslationSource(train, evals, f"{name}/{builder.version}", src, tgt)
 
 
