@@ -121,7 +121,7 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, overrides, reference, mome
     assert rc == -signal.SIGKILL
     complete = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     if moment != "mid-step":
-        assert complete[-1] == 20  # the save of step 30 never completed
+        assert 30 not in complete  # killed before (eval) or while (async write) saving step 30
     result = run(tmp_path, overrides)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from {tmp_path / 'checkpoints' / str(complete[-1])}" in result.stdout
