@@ -55,14 +55,14 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) 
     from bigmodel import data as data_lib, flops, sharding, train
 
     sizes = config_lib.validate(config, jax.device_count())
-    mesh, rules, module, task, tx, schedule = train.setup_model(config, sizes)
-    data = data_lib.build(config, shard=(jax.process_index(), jax.process_count()))
+    mesh, rules, module, task, tx, schedule = train.setup_model(config, sizes, hybrid=True)
+    data = data_lib.build(config, shard=sharding.process_batch_shard(mesh))
     it = iter(data.train)
     local = [next(it) for _ in range(min(steps + warmup, 8))]
     micro = config.train.batch_size // config.train.grad_accum
     dummy = {k: np.zeros((micro, *v.shape[1:]), v.dtype) for k, v in local[0].items()}
     state, shardings, abstract = train.sharded_init(
-        train.init_fn(module, task, tx, dummy), jax.random.key(config.seed), mesh, rules)
+        train.init_fn(module, task, tx, dummy), jax.random.key(config.seed), mesh, rules, config.sharding.zero1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batches = [sharding.global_batch(b, mesh) for b in local]
         start = time.perf_counter()
@@ -84,8 +84,9 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) 
     params = flops.param_count(abstract.params)
     units = config.train.batch_size * data.units_per_example
     if config.model.name == "gpt":
-        per_unit = flops.gpt_flops_per_token(
-            config.model, params - flops.embedding_param_count(abstract.params), config.data.seq_len)
+        active = params - flops.embedding_param_count(abstract.params) - flops.inactive_param_count(
+            abstract.params, config.model)
+        per_unit = flops.gpt_flops_per_token(config.model, active, config.data.seq_len)
     else:
         per_unit = float(step_fn.cost_analysis().get("flops", math.nan)) / units
     peak, source = flops.peak_flops()

@@ -16,7 +16,14 @@ from typing import Any, Sequence
 
 import ml_collections
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes, outermost (slowest links: the DCN between slices usually carries 'data') to innermost
+# ('tensor' talks every layer, so it gets the fastest links). 'expert' is data parallelism
+# outside mixture-of-experts layers; 'sequence' splits activations along the sequence.
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the batch dimension is split over these
+# config.mesh holds one size per axis plus the multi-slice layout (see sharding.make_mesh).
+MESH_KEYS = {**{axis: 1 for axis in MESH_AXES}, "slices": 1, "dcn_axis": "data"}
+SEQUENCE_KEYS = ("seq_len", "source_len", "target_len")  # config.data lengths split by 'sequence'
 
 
 class ConfigError(ValueError):
@@ -52,14 +59,26 @@ def _load_json(path: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(data)
 
 
+def experiment_module(path: str | pathlib.Path) -> Any:
+    """Import an experiment file by path (experiment files are not a package)."""
+    file = pathlib.Path(path)
+    module_spec = importlib.util.spec_from_file_location(f"bigmodel_experiment_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def sibling_config(this_file: str, name: str, arg: str = "") -> ml_collections.ConfigDict:
+    """get_config(arg) of the experiment file `name` next to `this_file`: how one experiment builds on another."""
+    return experiment_module(pathlib.Path(this_file).with_name(name)).get_config(arg)
+
+
 def _load_python(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist; pass --config experiments/<name>.py[:arg]")
-    module_spec = importlib.util.spec_from_file_location(f"bigmodel_experiment_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = experiment_module(file)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg); every experiment file needs one")
     config = module.get_config(arg) if arg else module.get_config()
@@ -141,9 +160,47 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
         node[leaf] = value
 
 
+def _check_attention_heads(model: ml_collections.ConfigDict, tensor: int, rules: dict) -> None:
+    """Grouped-query heads must divide the query heads (and the tensor axis if sharded over it)."""
+    if "num_kv_heads" not in model or not model.num_kv_heads:  # only decoder families have the field
+        return
+    kv = model.num_kv_heads
+    if kv < 0 or model.num_heads % kv:
+        raise ConfigError(
+            f"config.model.num_kv_heads={kv} must divide config.model.num_heads={model.num_heads} "
+            "(0 means num_heads; 1 is multi-query attention)"
+        )
+    axes = rules.get("kv_heads")
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    if kv < model.num_heads and "tensor" in axes and kv % tensor:
+        raise ConfigError(
+            f"config.model.num_kv_heads={kv} is not divisible by config.mesh.tensor={tensor}; pick a tensor size "
+            "that divides it, or replicate the key/value heads with ('kv_heads', None) and ('act_kv_heads', None) "
+            "in config.sharding.rules"
+        )
+
+
+def mesh_request(mesh_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """The axis sizes as written (a -1 left unresolved); a missing or unknown key is refused."""
+    for key, default in MESH_KEYS.items():
+        if key not in mesh_cfg:
+            raise ConfigError(
+                f"config.mesh has no {key!r}: every config names every mesh axis ({', '.join(MESH_AXES)}) "
+                f"and the slice layout (slices, dcn_axis); add `c.mesh.{key} = {default!r}` to the experiment's "
+                "get_config (that value leaves it unused)"
+            )
+    unknown = sorted(set(mesh_cfg) - set(MESH_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"config.mesh.{unknown[0]} is not a mesh key; the mesh axes are {', '.join(MESH_AXES)} (plus slices, "
+            "dcn_axis)" + _suggest(unknown[0], list(MESH_KEYS))
+        )
+    return {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+
+
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Resolve the mesh sizes (one -1 fills the remaining devices)."""
-    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    """Resolve the mesh sizes (one -1 fills the remaining devices) and check the slice layout."""
+    sizes = mesh_request(mesh_cfg)
     fill = [a for a, s in sizes.items() if s == -1]
     if len(fill) > 1:
         raise ConfigError(f"config.mesh: only one axis may be -1, got {fill}; give explicit sizes to the others")
@@ -161,10 +218,35 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
     product = math.prod(sizes.values())
     if product != num_devices:
         raise ConfigError(
-            f"config.mesh: data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {product} "
+            f"config.mesh: {'*'.join(MESH_AXES)} = {'*'.join(str(s) for s in sizes.values())} = {product} "
             f"but there are {num_devices} devices; set one axis to -1 or make the product {num_devices}"
         )
+    slices, dcn_axis = mesh_cfg.slices, mesh_cfg.dcn_axis
+    if dcn_axis not in MESH_AXES:
+        raise ConfigError(f"config.mesh.dcn_axis={dcn_axis!r}; use one of {MESH_AXES} (the axis split across slices)")
+    if not isinstance(slices, int) or slices < 1 or sizes[dcn_axis] % slices:
+        raise ConfigError(
+            f"config.mesh.slices={slices} must be a positive divisor of the axis it spans, "
+            f"config.mesh.{dcn_axis}={sizes[dcn_axis]} (config.mesh.dcn_axis={dcn_axis!r}); make "
+            f"config.mesh.{dcn_axis} a multiple of the slice count, or choose another dcn_axis"
+        )
     return sizes
+
+
+def _check_sequence_axis(data: ml_collections.ConfigDict, sequence: int) -> None:
+    """Every sequence length the model sees must split evenly over the 'sequence' axis."""
+    lengths = [k for k in SEQUENCE_KEYS if k in data]
+    if sequence > 1 and not lengths:
+        raise ConfigError(
+            f"config.mesh.sequence={sequence} splits the sequence dimension, but this config has no "
+            f"config.data.{SEQUENCE_KEYS[0]} (not a sequence model); set config.mesh.sequence=1"
+        )
+    for key in lengths:
+        if data[key] % sequence:
+            raise ConfigError(
+                f"config.data.{key}={data[key]} is not divisible by the sequence axis config.mesh.sequence="
+                f"{sequence}; make config.data.{key} a multiple of {sequence} or lower config.mesh.sequence"
+            )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -173,7 +255,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         if group not in config:
             raise ConfigError(f"config has no {group!r} group; every experiment needs config.{group}")
     sizes = mesh_shape(config.mesh, num_devices)
-    batch_axes = sizes["data"] * sizes["fsdp"]
+    batch_axes = math.prod(sizes[a] for a in BATCH_AXES)
+    batch_name = "*".join(BATCH_AXES)
     train = config.train
     if train.batch_size <= 0 or train.grad_accum <= 0:
         raise ConfigError("config.train.batch_size and config.train.grad_accum must be positive")
@@ -186,12 +269,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     if micro % batch_axes:
         raise ConfigError(
             f"config.train.batch_size={train.batch_size} (microbatch {micro} with grad_accum={train.grad_accum}) "
-            f"is not divisible by the data-parallel size data*fsdp={batch_axes}; use a multiple of {batch_axes}"
+            f"is not divisible by the data-parallel size {batch_name}={batch_axes}; use a multiple of {batch_axes}"
         )
     if config.eval.batch_size % batch_axes:
         raise ConfigError(
             f"config.eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size "
-            f"data*fsdp={batch_axes}; use a multiple of {batch_axes}"
+            f"{batch_name}={batch_axes}; use a multiple of {batch_axes}"
+        )
+    _check_sequence_axis(config.data, sizes["sequence"])
+    experts = config.model.num_experts if "num_experts" in config.model else 0
+    if experts and experts % sizes["expert"]:
+        raise ConfigError(
+            f"config.model.num_experts={experts} is not divisible by the expert axis config.mesh.expert="
+            f"{sizes['expert']}; pick an expert axis size that divides the experts"
         )
     model = config.model
     if "num_heads" in model and model.num_heads % sizes["tensor"]:
@@ -203,6 +293,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         raise ConfigError(
             f"config.model.d_model={model.d_model} is not divisible by config.model.num_heads={model.num_heads}"
         )
+    _check_attention_heads(model, sizes["tensor"], dict(config.sharding.rules))
     if "seq_len" in config.data and "max_len" in model and config.data.seq_len > model.max_len:
         raise ConfigError(
             f"config.data.seq_len={config.data.seq_len} is longer than the model allows "
@@ -222,8 +313,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
             raise ConfigError(f"config.{key}={config[group][leaf]!r}; use one of {allowed}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
         raise ConfigError("config.checkpoint.every and config.checkpoint.keep must be positive")
-    rules = dict(config.sharding.rules)
-    for name, axes in rules.items():
+    if "zero1" not in config.sharding or not isinstance(config.sharding.zero1, bool):
+        raise ConfigError(
+            "config.sharding.zero1 must be true or false (shard Adam's moments over the 'data' axis); add "
+            "`c.sharding.zero1 = False` to the experiment's get_config"
+        )
+    for name, axes in config.sharding.rules:  # a logical name may have several rules (first free one wins)
         for axis in (axes,) if isinstance(axes, (str, type(None))) else axes:
             if axis is not None and axis not in MESH_AXES:
                 raise ConfigError(

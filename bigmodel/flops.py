@@ -42,8 +42,26 @@ def embedding_param_count(boxed_params: Any) -> int:
     return total
 
 
+def inactive_param_count(boxed_params: Any, model_cfg: Any) -> int:
+    """Expert parameters a token does not use: (1 - k/E) of those on the 'expert' axis.
+
+    A mixture of experts routes each token through k of its E experts, so its FLOPs follow
+    the active parameters (total minus this), not the total. 0 for dense models.
+    """
+    if "num_experts" not in model_cfg or not model_cfg.num_experts:
+        return 0
+    expert = 0
+    for leaf in jax.tree.leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        if isinstance(leaf, nn.Partitioned) and "expert" in leaf.names:
+            expert += int(leaf.value.size)
+    return round(expert * (1 - model_cfg.experts_per_token / model_cfg.num_experts))
+
+
 def gpt_flops_per_token(cfg: Any, params_nonembed: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·(non-embedding params + output head) + attention.
+
+    For a mixture of experts pass the active non-embedding parameters (see
+    `inactive_param_count`).
 
     Attention adds 12·L·T·D per token (QK^T and AV, forward and backward, not halved for
     the causal mask), the PaLM/Kaplan convention.

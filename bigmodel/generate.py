@@ -27,7 +27,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first")
     # Replicate over the local devices: sampling needs no model parallelism at this size.
-    mesh_sizes = {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+    mesh_sizes = sharding.axis_sizes(data=jax.device_count())
     mesh, rules, module, task, tx, _ = train.setup_model(config, mesh_sizes)
     dummy = task.dummy_batch(1, config.data.seq_len)
     init = train.init_fn(module, task, tx, dummy)

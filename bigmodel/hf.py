@@ -54,7 +54,6 @@ from bigmodel.config import ConfigError
 
 if TYPE_CHECKING:
     import flax.linen as nn
-    import jax
 
 # JAX, Flax and the models are imported inside the functions that need them: the `bigmodel`
 # command registers import-hf for every subcommand and should not pay for them each time.
@@ -220,10 +219,28 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.json has model_type={kind!r}; bigmodel imports 'gpt2' and 'bert' checkpoints")
 
 
+# Structural switches a Hugging Face GPT-2 / BERT checkpoint can express, at their only value.
+GPT2_LAYOUT = {"position": "learned", "norm": "layernorm", "activation": "gelu_tanh", "num_kv_heads": (0, None),
+               "use_bias": True, "mup": False}
+BERT_LAYOUT = {"position": "learned"}
+
+
+def _require_layout(cfg: ml_collections.ConfigDict, layout: dict[str, Any], hf_name: str) -> None:
+    """Refuse to export a model whose structure the target architecture cannot hold."""
+    for key, allowed in layout.items():
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        if key in cfg and cfg[key] not in allowed and not (key == "num_kv_heads" and cfg[key] == cfg.num_heads):
+            raise ValueError(
+                f"model.{key}={cfg[key]!r} has no {hf_name} equivalent (it needs {allowed[0]!r}); "
+                "export only GPT-2/BERT-layout models"
+            )
+
+
 def hf_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The HF config.json contents for our `config.model` (GPT or BERT MLM)."""
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
     if cfg.name == "gpt":
+        _require_layout(cfg, GPT2_LAYOUT, "Hugging Face GPT-2")
         # GPT2Config defaults its special ids to GPT-2's <|endoftext|>; outside that vocabulary none is known.
         eot = 50256 if cfg.vocab_size > 50256 else None
         return dict(
@@ -234,6 +251,7 @@ def hf_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             bos_token_id=eot, eos_token_id=eot, dtype="float32",
         )
     if cfg.name == "bert":
+        _require_layout(cfg, BERT_LAYOUT, "Hugging Face BERT")
         if cfg.head != "mlm":
             raise ValueError(f"save_pretrained writes BERT with the MLM head; model.head={cfg.head!r} is not supported")
         return dict(
@@ -579,9 +597,9 @@ def _step0_state(config: ml_collections.ConfigDict, params: Params) -> Any:
     import jax
     import jax.numpy as jnp
 
-    from bigmodel import train
+    from bigmodel import sharding, train
 
-    module, task, tx = train.setup_model(config, {"data": 1, "fsdp": 1, "tensor": 1})[2:5]
+    module, task, tx = train.setup_model(config, sharding.axis_sizes())[2:5]
     try:
         host = jax.devices("cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS without 'cpu': the default device will do

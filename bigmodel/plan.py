@@ -1,11 +1,12 @@
 """`bigmodel plan`: will this config fit on that mesh and device? Answered before renting it.
 
     bigmodel plan --config experiments/gpt_tiny.py[:ARG] [--config.KEY=VALUE ...]
-                  [--mesh DATA,FSDP,TENSOR] [--devices N] [--target h100-80gb] [--no-compile]
+                  [--mesh fsdp=4,sequence=2 | DATA,FSDP,EXPERT,SEQUENCE,TENSOR | DATA,FSDP,TENSOR]
+                  [--devices N] [--target h100-80gb] [--no-compile]
 
 1. The config and mesh are validated like `bigmodel train` does (same ConfigError messages).
 2. Analytic, per device, from `jax.eval_shape` of the real train state: parameters and Adam
-   moments as sharded by the config's rules, gradients, and an activation estimate
+   moments as sharded by the config's rules (and config.sharding.zero1), gradients, and an activation estimate
    (stored forward values per layer, Korthikanti et al. 2022 without dropout masks).
 3. Compiled, unless --no-compile: the real train step is lowered and compiled for the mesh
    (no training, no real arrays) and XLA's `memory_analysis()` gives argument, output and
@@ -27,7 +28,7 @@ import sys
 from typing import Any, Mapping
 
 from bigmodel import config as config_lib
-from bigmodel.config import MESH_AXES, ConfigError
+from bigmodel.config import BATCH_AXES, MESH_AXES, ConfigError
 
 GiB = 1024**3
 # Memory per device (GiB, nominal HBM) of the targets `--target` knows.
@@ -51,6 +52,7 @@ class Plan:
     activations: int  # estimated stored activations of one microbatch
     param_count: int
     compiled: dict[str, int] | None = None  # from XLA's memory_analysis; None when not compiled
+    zero1: bool = False  # optimizer state also split over 'data' (config.sharding.zero1)
     note: str = ""
 
     @property
@@ -79,16 +81,28 @@ class Plan:
 # --------------------------------------------------------------------------- config and mesh
 
 
+SHORT_MESH = ("data", "fsdp", "tensor")  # the three-number --mesh form (expert = sequence = 1)
+
+
 def parse_mesh(text: str) -> dict[str, int]:
-    """'DATA,FSDP,TENSOR' (one may be -1) -> {'data': …, 'fsdp': …, 'tensor': …}."""
+    """'fsdp=4,sequence=2' (others 1), all five sizes in MESH_AXES order, or 'DATA,FSDP,TENSOR'; one may be -1."""
+    usage = (f"--mesh {text!r}: give axis=size pairs (e.g. --mesh fsdp=4,sequence=2; unnamed axes are 1), all "
+             f"five sizes {','.join(a.upper() for a in MESH_AXES)}, or three sizes DATA,FSDP,TENSOR, e.g. --mesh 1,8,1")
     parts = [p.strip() for p in text.split(",")]
     try:
-        sizes = [int(p) for p in parts]
+        named = {k.strip(): int(v) for k, _, v in (p.partition("=") for p in parts)} if "=" in text else None
+        sizes = [int(p) for p in parts] if named is None else []
     except ValueError:
-        sizes = []
-    if len(sizes) != len(MESH_AXES):
-        raise ConfigError(f"--mesh {text!r}: give three sizes DATA,FSDP,TENSOR, e.g. --mesh 1,8,1")
-    return dict(zip(MESH_AXES, sizes))
+        raise ConfigError(usage) from None
+    if named is not None:
+        if set(named) - set(MESH_AXES) or len(named) != len(parts):
+            raise ConfigError(f"--mesh {text!r}: unknown or repeated axis; the axes are {', '.join(MESH_AXES)}")
+        return {axis: named.get(axis, 1) for axis in MESH_AXES}
+    if len(sizes) == len(MESH_AXES):
+        return dict(zip(MESH_AXES, sizes))
+    if len(sizes) == len(SHORT_MESH):
+        return {axis: dict(zip(SHORT_MESH, sizes)).get(axis, 1) for axis in MESH_AXES}
+    raise ConfigError(usage)
 
 
 def configure(spec: str, overrides: list[str], mesh: dict[str, int] | None, devices: int | None,
@@ -112,7 +126,7 @@ def configure(spec: str, overrides: list[str], mesh: dict[str, int] | None, devi
         for axis, size in mesh.items():
             config_lib.apply_override(config, f"mesh.{axis}", str(size))
     if devices is None:
-        sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+        sizes = config_lib.mesh_request(config.mesh)
         if -1 in sizes.values():
             if available is None:
                 raise ConfigError("the mesh has a -1 axis: give --devices N (the job's device count) or full sizes")
@@ -126,10 +140,10 @@ def _pieces(config):
     """Module, task, optimizer and schedule of a run, assembled the way the trainer does it."""
     import jax
 
-    from bigmodel import train
+    from bigmodel import sharding, train
 
     # The mesh is irrelevant here; a one-axis mesh over whatever devices exist always builds.
-    _, _, module, task, tx, schedule = train.setup_model(config, {"data": jax.device_count(), "fsdp": 1, "tensor": 1})
+    _, _, module, task, tx, schedule = train.setup_model(config, sharding.axis_sizes(data=jax.device_count()))
     return module, task, tx, schedule
 
 
@@ -167,13 +181,10 @@ def abstract_state(config) -> Any:
 # --------------------------------------------------------------------------- analytic figures
 
 
-def sharded_bytes(boxed: Any, rules, sizes: Mapping[str, int]) -> int:
-    """Bytes of one device's shard of every leaf, from logical names, rules and mesh sizes."""
-    import flax.linen as nn
+def sharded_bytes(shapes: Any, specs: Any, sizes: Mapping[str, int]) -> int:
+    """Bytes of one device's shard of every leaf of `shapes`, laid out by mesh PartitionSpecs `specs`."""
     import jax
     from jax.sharding import PartitionSpec as P
-
-    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
 
     def leaf(x, spec) -> int:
         shape = list(x.shape)
@@ -183,7 +194,7 @@ def sharded_bytes(boxed: Any, rules, sizes: Mapping[str, int]) -> int:
             shape[dim] = -(-shape[dim] // math.prod(sizes[a] for a in axes))
         return math.prod(shape) * x.dtype.itemsize
 
-    return sum(jax.tree.leaves(jax.tree.map(leaf, nn.meta.unbox(boxed), specs, is_leaf=lambda s: isinstance(s, P))))
+    return sum(jax.tree.leaves(jax.tree.map(leaf, shapes, specs, is_leaf=lambda s: isinstance(s, P))))
 
 
 def activation_bytes(config, sizes: Mapping[str, int]) -> int:
@@ -193,13 +204,16 @@ def activation_bytes(config, sizes: Mapping[str, int]) -> int:
     inputs and outputs (4·D), Q, K, V and the attention output (4·D/t), the MLP hidden
     before and after the nonlinearity (2·F/t) and the attention probabilities (N·T/t);
     the logits and their gradient add 2·V/t float32 values. remat='full' keeps only each
-    layer's input plus one layer being recomputed.
+    layer's input plus one layer being recomputed. A device holds 1/(data·fsdp·expert) of
+    the rows and 1/sequence of each row's tokens (the gathered keys and values of sequence
+    parallelism are transient and not counted).
     """
     m = config.model
     if not all(k in m for k in ("num_layers", "d_model", "num_heads")) or "seq_len" not in config.data:
         return 0
     t = sizes["tensor"]
-    tokens = config.train.batch_size // config.train.grad_accum // (sizes["data"] * sizes["fsdp"]) * config.data.seq_len
+    rows = config.train.batch_size // config.train.grad_accum // math.prod(sizes[a] for a in BATCH_AXES)
+    tokens = rows * config.data.seq_len // sizes["sequence"]
     d, heads, seq = m.d_model, m.num_heads, config.data.seq_len
     ff = m.get("d_ff", 0) or 4 * d
     size = 2 if m.get("dtype", "float32") in ("bfloat16", "float16") else 4
@@ -215,13 +229,17 @@ def analytic(config, sizes: Mapping[str, int], target: str) -> Plan:
     """The per-device memory plan from shapes and sharding rules alone."""
     from bigmodel import flops, sharding
 
+    import flax.linen as nn
+
     abstract = abstract_state(config)
     rules = sharding.as_rules(config.sharding.rules)
-    sharding.check_rules(abstract, rules)
-    params = sharded_bytes(abstract.params, rules, sizes)
+    specs = sharding.state_specs(abstract, rules, sizes, config.sharding.zero1)
+    shapes = nn.meta.unbox(abstract)
+    params = sharded_bytes(shapes.params, specs.params, sizes)
     accumulators = params if config.train.grad_accum > 1 else 0
     return Plan(
-        mesh=dict(sizes), target=target, params=params, opt_state=sharded_bytes(abstract.opt_state, rules, sizes),
+        mesh=dict(sizes), target=target, params=params,
+        opt_state=sharded_bytes(shapes.opt_state, specs.opt_state, sizes), zero1=config.sharding.zero1,
         grads=params + accumulators, activations=activation_bytes(config, sizes),
         param_count=flops.param_count(abstract.params),
     )
@@ -241,7 +259,7 @@ def compiled_memory(config, sizes: Mapping[str, int]) -> dict[str, int]:
     micro = config.train.batch_size // config.train.grad_accum
     init = train.init_fn(module, task, tx, zeros(batch_shapes(config, task, micro)))
     abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.state_shardings(abstract, mesh, rules)
+    shardings = sharding.state_shardings(abstract, mesh, rules, config.sharding.zero1)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          nn.meta.unbox(abstract), shardings)
     batch_sh = sharding.batch_sharding(mesh)
@@ -305,7 +323,7 @@ def format_plan(plan: Plan, title: str) -> str:
     c = plan.compiled or {}
     rows = [
         ("parameters", plan.params, c.get("params")),
-        ("optimizer state", plan.opt_state, c.get("opt_state")),
+        ("optimizer state" + (" (ZeRO-1)" if plan.zero1 else ""), plan.opt_state, c.get("opt_state")),
         ("gradients", plan.grads, None),
         ("activations (estimate)", plan.activations or None, None),
         ("arguments (XLA)", None, c.get("arguments")),
@@ -373,7 +391,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
     p.add_argument("--model", default=None, help="replace config.model by a named size, e.g. gpt:124m")
-    p.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR sizes (default: config.mesh)")
+    p.add_argument("--mesh", default=None,
+                   help="axis=size pairs such as fsdp=4,sequence=2 (others 1), all five sizes "
+                        "DATA,FSDP,EXPERT,SEQUENCE,TENSOR, or DATA,FSDP,TENSOR (default: config.mesh)")
     p.add_argument("--devices", type=int, default=None,
                    help="devices in the job (default: the mesh's product, or this host's count for a -1 axis)")
     p.add_argument("--target", default="h100-80gb", help=f"device to judge against: {', '.join(TARGETS)}")

@@ -25,9 +25,10 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from bigmodel import checkpoint, config as config_lib, data as data_lib, flops, metrics, models, sharding, tasks
+from bigmodel.models import moe
 
 
 # --------------------------------------------------------------------------- 1. state
@@ -101,10 +102,15 @@ def init_fn(module: nn.Module, task: Any, tx: optax.GradientTransformation, dumm
 # --------------------------------------------------------------------------- 2. sharding
 
 
-def sharded_init(init: Callable, rng: jax.Array, mesh: jax.sharding.Mesh, rules: Any) -> tuple[TrainState, Any, Any]:
-    """Initialise directly into the sharded layout: eval_shape -> specs -> jit(out_shardings)."""
+def sharded_init(init: Callable, rng: jax.Array, mesh: jax.sharding.Mesh, rules: Any,
+                 zero1: bool = False) -> tuple[TrainState, Any, Any]:
+    """Initialise directly into the sharded layout: eval_shape -> specs -> jit(out_shardings).
+
+    zero1 (config.sharding.zero1) also splits the optimizer state over 'data'; the returned
+    shardings are the train step's in/out shardings, so the step keeps that layout.
+    """
     abstract = jax.eval_shape(init, rng)
-    shardings = sharding.state_shardings(abstract, mesh, rules)
+    shardings = sharding.state_shardings(abstract, mesh, rules, zero1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings, abstract
@@ -114,13 +120,19 @@ def sharded_init(init: Callable, rng: jax.Array, mesh: jax.sharding.Mesh, rules:
 
 
 def _apply(module: nn.Module, task: Any, params: Any, model_state: Any, batch: dict, rng: jax.Array, train: bool):
-    mutable = list(model_state) if train and model_state else False
+    # Training also collects what layers sow into 'aux' (mixture-of-experts losses and router statistics).
+    mutable = [*model_state, moe.AUX] if train else False
     out = module.apply(
         {"params": params, **model_state}, *task.model_inputs(batch), train=train, rngs={"dropout": rng},
         mutable=mutable,
     )
-    outputs, new_state = out if mutable else (out, model_state)
+    outputs, new_vars = out if mutable else (out, model_state)
+    new_state = {k: v for k, v in new_vars.items() if k != moe.AUX}
     loss, mets = task.loss_and_metrics(outputs, batch)
+    if moe.AUX in new_vars:
+        aux_loss, aux_mets = moe.aux_loss_and_metrics(new_vars[moe.AUX])
+        loss = loss + aux_loss
+        mets = {**mets, **aux_mets}
     return loss, (mets, new_state)
 
 
@@ -213,9 +225,14 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
     metrics.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]):
-    """Everything static a run needs: mesh, rules, module, task, optimizer, step functions."""
-    mesh = sharding.make_mesh(mesh_sizes)
+def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int], hybrid: bool = False):
+    """Everything static a run needs: mesh, rules, module, task, optimizer, step functions.
+
+    hybrid lays the mesh out over config.mesh.slices slices (the runs themselves); tools that
+    only need shapes and shardings (plan, generate, tests) build the single-slice layout.
+    """
+    dcn = {"slices": config.mesh.slices, "dcn_axis": config.mesh.dcn_axis} if hybrid else {}
+    mesh = sharding.make_mesh(mesh_sizes, **dcn)
     rules = sharding.as_rules(config.sharding.rules)
     module = models.build(config.model)
     task = tasks.get(config)
@@ -378,17 +395,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         print(f"moved the previous run to {moved}", flush=True)
     header = metrics.run_header() | {"mesh": mesh_sizes}
 
-    mesh, rules, module, task, tx, schedule = setup_model(config, mesh_sizes)
+    mesh, rules, module, task, tx, schedule = setup_model(config, mesh_sizes, hybrid=True)
 
-    # Data: each process keeps its own rows of every global batch.
-    data = data_lib.build(config, shard=(jax.process_index(), jax.process_count()))
+    # Data: each process keeps its own rows of every global batch (processes whose devices
+    # hold the same rows, across a 'sequence' or 'tensor' axis, load the same ones).
+    data = data_lib.build(config, shard=sharding.process_batch_shard(mesh))
     train_iter = iter(data.train)
 
     # State: sharded init, then restore the newest intact checkpoint if the workdir has one.
     root = jax.random.key(config.seed)
     micro = config.train.batch_size // config.train.grad_accum
     dummy = {k: np.zeros((micro, *v.shape[1:]), v.dtype) for k, v in next(data.eval_batches()).items()}
-    state, shardings, abstract = sharded_init(init_fn(module, task, tx, dummy), jax.random.fold_in(root, 0), mesh, rules)
+    state, shardings, abstract = sharded_init(init_fn(module, task, tx, dummy), jax.random.fold_in(root, 0), mesh, rules,
+                                              config.sharding.zero1)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -416,11 +435,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         print(f"bigmodel run in {workdir}: {json.dumps(header)}", flush=True)
     params_total = flops.param_count(abstract.params)
     params_embed = flops.embedding_param_count(abstract.params)
+    params_inactive = flops.inactive_param_count(abstract.params, config.model)  # > 0 for mixtures of experts
 
     # Steps: compiled ahead of time so compile time is measured apart from step time.
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
     skip_nonfinite = config.train.on_nonfinite == "skip"
+    # Outside the run's mesh: on a CPU the peak is measured on a mesh of jax.devices() order.
+    peak, peak_source = flops.peak_flops()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compile_start = time.time()
         first = sharding.global_batch(next(train_iter), mesh)
@@ -434,12 +456,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         units_per_step = config.train.batch_size * data.units_per_example
         if config.model.name == "gpt":
             flops_per_step = units_per_step * flops.gpt_flops_per_token(
-                config.model, params_total - params_embed, config.data.seq_len)
+                config.model, params_total - params_embed - params_inactive, config.data.seq_len)
         else:
             flops_per_step = float(train_step.cost_analysis().get("flops", float("nan")))
-        peak, peak_source = flops.peak_flops()
         if lead:
-            print(f"params {params_total:,} (non-embedding {params_total - params_embed:,}); "
+            active = f", active {params_total - params_inactive:,}" if params_inactive else ""
+            print(f"params {params_total:,} (non-embedding {params_total - params_embed:,}{active}); "
                   f"{flops_per_step / units_per_step / 1e6:.2f} MFLOP per {task.units[:-1]}; compile {compile_s:.1f}s; "
                   f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", flush=True)
 
@@ -495,7 +517,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                         row["skipped_steps"] = int(state.skipped_steps)
                     if step % config.eval.every == 0 or is_last:
                         if lead:
-                            tqdm.tqdm.write(f"step {step}: evaluating on {config.eval.num_batches} batches", file=sys.stdout)
+                            what = f"{config.eval.num_batches} batches" if config.eval.num_batches > 0 else "the whole split"
+                            tqdm.tqdm.write(f"step {step}: evaluating on {what}", file=sys.stdout)
                         last_eval = evaluate(eval_step, state, data.eval_batches(), mesh)
                         row.update({f"eval_{k}": v for k, v in last_eval.items()})
                     writer.write(step, row)
@@ -529,6 +552,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         **data.info,
         "params": params_total,
         "params_nonembed": params_total - params_embed,
+        "params_active": params_total - params_inactive,  # = params unless a mixture of experts
         task.units: step * units_per_step,
         "flops": step * flops_per_step,
         "skipped_steps": int(state.skipped_steps),

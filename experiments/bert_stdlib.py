@@ -2,8 +2,10 @@ r"""BERT pre-training (masked language modelling) on the CPython standard librar
 
 Command:   bigmodel train --config experiments/bert_stdlib.py --workdir runs/bert_stdlib
 Hardware:  2 CPU cores (any JAX backend works; the mesh fills all devices with 'data').
-Wall time: WALL_TIME
-Expected:  EXPECTED
+Wall time: about 7 minutes on 2 shared cores (load average about 3.5), including building
+           the dataset once.
+Expected:  evaluation loss about 2.90 nats and accuracy about 0.36 on the masked bytes,
+           against a unigram entropy of 3.19 nats.
 
 The model is BERT 'tiny' (2 layers, width 128, 2 heads; Turc et al. 2019) over bytes:
 ids 0-255, end-of-document 256, then [MASK] 257, [CLS] 258, [SEP] 259 (bigmodel.data.mlm),
@@ -13,6 +15,15 @@ no pooler, as RoBERTa. The data settings are gpt_tiny's except validation_fracti
 the held-out files are the test files of experiments/bert_classify.py, so the encoder it
 fine-tunes has never seen them.
 
+Positions are rotary (model.position='rope', as RoFormer and ModernBERT) rather than the
+reference's learned table. With the table this budget is not enough: the model stays on the
+context-free plateau (about 2.9 nats at 800 and at 1200 steps, attention close to uniform,
+for every peak learning rate from 5e-4 to 2e-3, with 40% masking and with 64-byte rows),
+because attending to a masked byte's neighbours must first be learned from absolute
+positions. Rotary attention sees relative offsets from the first step and leaves the
+plateau after about 200 steps (eval loss 2.06 at step 400 against 2.34 at step 200).
+`--config.model.position=learned` gives the original BERT.
+
 Variants:  ':tiny' runs in seconds (used by the tests).
 """
 
@@ -20,9 +31,6 @@ import ml_collections
 
 from bigmodel import sharding
 from bigmodel.models import bert
-
-WALL_TIME = "about 6 minutes on 2 cores, including building the dataset once"
-EXPECTED = "evaluation loss about 1.5 nats and accuracy about 0.6 on the masked bytes (unigram entropy about 3.2 nats)"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -34,6 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.head = "mlm"
     c.model.vocab_size = 384  # 257 byte-tokenizer ids + MASK, CLS, SEP, padded to a multiple of 128
     c.model.max_len = 128
+    c.model.position = "rope"  # relative offsets from the start; 'learned' is the reference's table
     c.model.dropout = 0.0  # a few minutes see a fraction of the corpus once: underfitting, nothing to regularise
 
     c.data = ml_collections.ConfigDict()
@@ -53,7 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.prefetch = 0
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 2e-3
+    c.optim.learning_rate = 1e-3  # post-LN: at 2e-3 and above small runs can stall at chance
     c.optim.warmup_steps = 100
     c.optim.decay_steps = 0  # 0 = train.steps
     c.optim.end_lr_ratio = 0.1
@@ -91,9 +100,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
+    c.mesh.expert = 1  # data parallel outside mixture-of-experts layers
+    c.mesh.sequence = 1  # splits activations along the sequence
     c.mesh.tensor = 1
+    c.mesh.slices = 1  # > 1: that many slices/nodes joined over DCN along dcn_axis
+    c.mesh.dcn_axis = "data"
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = sharding.DEFAULT_RULES
+    c.sharding.zero1 = False  # True: Adam's moments split over 'data' (ZeRO-1)
 
     if arg == "tiny":
         tiny_model(c.model)

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from bigmodel import config as config_lib
 from bigmodel.config import ConfigError
 
-from conftest import GPT_TINY
+from conftest import GPT_TINY, REPO
 
 
 def load(*overrides):
@@ -56,12 +56,22 @@ def test_missing_value_and_missing_file():
 @pytest.mark.parametrize(
     "overrides, devices, message",
     [
-        (["mesh.data=3"], 8, r"data\*fsdp\*tensor = 3\*1\*1 = 3 but there are 8 devices"),
+        (["mesh.data=3"], 8, r"data\*fsdp\*expert\*sequence\*tensor = 3\*1\*1\*1\*1 = 3 but there are 8 devices"),
         (["mesh.data=-1", "mesh.fsdp=-1"], 8, r"only one axis may be -1"),
         (["mesh.tensor=3"], 8, r"8 devices cannot be split"),
-        (["train.batch_size=12"], 8, r"batch_size=12 .* not divisible by the data-parallel size data\*fsdp=8"),
+        (["train.batch_size=12"], 8, r"batch_size=12 .* not divisible by the data-parallel size data\*fsdp\*expert=8"),
+        (["mesh.data=2", "mesh.expert=4", "train.batch_size=12"], 8,
+         r"batch_size=12 .* not divisible by the data-parallel size data\*fsdp\*expert=8; use a multiple of 8"),
+        (["mesh.data=2", "mesh.sequence=4", "data.seq_len=62"], 8,
+         r"config.data.seq_len=62 is not divisible by the sequence axis config.mesh.sequence=4; make "
+         r"config.data.seq_len a multiple of 4 or lower config.mesh.sequence"),
+        (["mesh.data=4", "mesh.fsdp=2", "mesh.slices=3"], 8,
+         r"config.mesh.slices=3 must be a positive divisor of the axis it spans, config.mesh.data=4"),
+        (["mesh.dcn_axis=pipeline"], 8, r"config.mesh.dcn_axis='pipeline'; use one of"),
+        (["model.num_experts=4", "mesh.data=1", "mesh.expert=8"], 8,
+         r"config.model.num_experts=4 is not divisible by the expert axis config.mesh.expert=8"),
         (["train.batch_size=8", "train.grad_accum=3"], 8, r"not divisible by config.train.grad_accum=3"),
-        (["train.batch_size=16", "train.grad_accum=4"], 8, r"microbatch 4 .* data\*fsdp=8"),
+        (["train.batch_size=16", "train.grad_accum=4"], 8, r"microbatch 4 .* data\*fsdp\*expert=8"),
         (["eval.batch_size=4"], 8, r"config.eval.batch_size=4 is not divisible"),
         (["mesh.data=1", "mesh.tensor=8"], 8, r"num_heads=4 is not divisible by the tensor axis"),
         (["data.seq_len=512"], 8, r"seq_len=512 is longer than the model allows \(config.model.max_len=128\)"),
@@ -75,7 +85,42 @@ def test_validation_errors(overrides, devices, message):
 
 
 def test_valid_config_resolves_the_mesh():
-    assert config_lib.validate(load("mesh.fsdp=2"), 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert config_lib.validate(load("mesh.fsdp=2"), 8) == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+    assert config_lib.validate(load("mesh.sequence=2", "mesh.slices=2", "mesh.dcn_axis=sequence"), 8)["data"] == 4
+    # The batch is split over data*fsdp*expert only: 4 rows can run on 8 devices with sequence=8.
+    c = load("mesh.data=1", "mesh.sequence=8", "train.batch_size=4", "eval.batch_size=4")
+    assert config_lib.validate(c, 8)["sequence"] == 8
+
+
+@pytest.mark.parametrize("key", ["sequence", "expert", "slices", "dcn_axis"])
+def test_every_mesh_key_must_be_named(key):
+    c = load()
+    with c.unlocked():
+        del c.mesh[key]
+    default = repr(config_lib.MESH_KEYS[key])
+    with pytest.raises(ConfigError, match=rf"config.mesh has no '{key}': every config names every mesh axis "
+                                          rf"\(data, fsdp, expert, sequence, tensor\).* add `c.mesh.{key} = {default}`"):
+        config_lib.validate(c, 8)
+    with c.unlocked():
+        c.mesh[key] = config_lib.MESH_KEYS[key]
+        c.mesh.model = 2
+    with pytest.raises(ConfigError, match=r"config.mesh.model is not a mesh key"):
+        config_lib.validate(c, 8)
+
+
+def test_sequence_axis_needs_a_sequence_model():
+    c = config_lib.load(str(REPO / "experiments" / "resnet_digits.py") + ":tiny", ["mesh.data=4", "mesh.sequence=2"])
+    with pytest.raises(ConfigError, match=r"config.mesh.sequence=2 splits the sequence dimension, but this config has no "
+                                          r"config.data.seq_len .*; set config.mesh.sequence=1"):
+        config_lib.validate(c, 8)
+
+
+def test_zero1_must_be_set():
+    c = load()
+    with c.unlocked():
+        del c.sharding["zero1"]
+    with pytest.raises(ConfigError, match=r"config.sharding.zero1 must be true or false .* `c.sharding.zero1 = False`"):
+        config_lib.validate(c, 8)
 
 
 def test_rules_must_name_mesh_axes():

@@ -44,7 +44,7 @@ def test_tiny_variant_trains_and_evaluates(tmp_path, name, fast_keys):
 def run_steps(name, mesh_shape, steps=3):
     """Losses of `steps` train steps on fixed random batches, and the state after the first."""
     config = config_lib.load(EXPERIMENTS[name] + ":tiny")
-    mesh_sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+    mesh_sizes = sharding.axis_sizes(**dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
     mesh, rules, module, task, tx, schedule = train.setup_model(config, mesh_sizes)
     rng = np.random.default_rng(0)
     batches = [{"inputs": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),

@@ -43,17 +43,19 @@ def test_cli_prints_the_table_and_a_verdict(capsys):
     assert cli.main(["plan", "--config", GPT_TINY + ":tiny", "--mesh", "2,2,2", "--target", "a100-40gb",
                      "--no-compile"]) == 0
     out = capsys.readouterr().out
-    assert "on mesh data=2 fsdp=2 tensor=2 (8 devices), target a100-40gb (40 GiB per device)" in out
+    assert "on mesh data=2 fsdp=2 expert=1 sequence=1 tensor=2 (8 devices), target a100-40gb (40 GiB per device)" in out
     for row in ("parameters", "optimizer state", "gradients", r"activations \(estimate\)", "total / peak"):
         assert re.search(rf"^  {row} +[\d.]+ [KMG]iB$", out, re.M), row
     assert re.search(r"^verdict: fits on a100-40gb: .* of 36\.00 GiB usable \(90% of 40 GiB\), margin \+", out, re.M)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mesh", "2,2,2", "--devices", "16"], "data*fsdp*tensor = 2*2*2 = 8 but there are 16 devices"),
+    (["--mesh", "2,2,2", "--devices", "16"], "data*fsdp*expert*sequence*tensor = 2*2*1*1*2 = 8 but there are 16 devices"),
     (["--mesh", "1,1,8"], "num_heads=4 is not divisible by the tensor axis config.mesh.tensor=8"),
     (["--mesh", "16,1,1"], "batch_size=8 (microbatch 8 with grad_accum=1) is not divisible by the data-parallel size"),
-    (["--mesh", "2,2"], "give three sizes DATA,FSDP,TENSOR"),
+    (["--mesh", "2,2"], "give axis=size pairs (e.g. --mesh fsdp=4,sequence=2; unnamed axes are 1), all five sizes"),
+    (["--mesh", "data=2,model=4"], "unknown or repeated axis; the axes are data, fsdp, expert, sequence, tensor"),
+    (["--mesh", "sequence=3"], "config.data.seq_len=64 is not divisible by the sequence axis config.mesh.sequence=3"),
     (["--target", "h800"], "--target 'h800' is unknown"),
 ])
 def test_impossible_plans_are_refused_before_compiling(args, message, capsys, monkeypatch):
@@ -63,6 +65,33 @@ def test_impossible_plans_are_refused_before_compiling(args, message, capsys, mo
     err = capsys.readouterr().err
     assert err.startswith("bigmodel: config error:") and message in err, err
     assert compiled == []
+
+
+def test_mesh_forms():
+    assert plan.parse_mesh("fsdp=4,sequence=2") == {"data": 1, "fsdp": 4, "expert": 1, "sequence": 2, "tensor": 1}
+    assert plan.parse_mesh("2,1,2,1,2") == {"data": 2, "fsdp": 1, "expert": 2, "sequence": 1, "tensor": 2}
+    assert plan.parse_mesh("-1,2,1") == {"data": -1, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+
+
+def test_sequence_expert_and_zero1_plans(capsys):
+    def analytic(mesh, *overrides):
+        config, sizes = plan.configure(GPT_TINY, ["train.batch_size=64", *overrides], plan.parse_mesh(mesh), None)
+        return plan.make_plan(config, sizes, "h100-80gb", compile=False)
+
+    data, sequence, expert = analytic("data=8"), analytic("sequence=8"), analytic("expert=8")
+    zero1 = analytic("data=8", "sharding.zero1=true")
+    # 'sequence' and 'expert' replicate the parameters (no MoE layer here) like 'data' ...
+    assert data.params == sequence.params == expert.params == zero1.params == 4 * data.param_count
+    # ... and each device holds an eighth of the tokens either way: 8 rows of 128, or 64 rows of 16.
+    assert data.activations == sequence.activations == expert.activations > 0
+    # ZeRO-1: Adam's moments (2 x params) split 8 ways; only the scalar step counts stay whole.
+    assert data.opt_state == 2 * data.params + 8
+    assert zero1.opt_state == 2 * data.params // 8 + 8
+    assert cli.main(["plan", "--config", GPT_TINY, "--mesh", "data=8", "--config.sharding.zero1=true",
+                     "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "on mesh data=8 fsdp=1 expert=1 sequence=1 tensor=1 (8 devices)" in out
+    assert re.search(r"^  optimizer state \(ZeRO-1\) +[\d.]+ KiB$", out, re.M), out
 
 
 def test_gpt_124m_on_h100(capsys):
@@ -96,7 +125,7 @@ def test_mesh_needing_other_device_count_compiles_in_a_child(capfd):
     # 4 devices while this process has 8: the command re-runs itself with 4 fake CPU devices.
     assert cli.main(["plan", "--config", GPT_TINY + ":tiny", "--mesh", "1,2,2"]) == 0
     out = capfd.readouterr().out
-    assert "on mesh data=1 fsdp=2 tensor=2 (4 devices)" in out
+    assert "on mesh data=1 fsdp=2 expert=1 sequence=1 tensor=2 (4 devices)" in out
     config, sizes = plan.configure(GPT_TINY + ":tiny", [], plan.parse_mesh("1,2,2"), None)
     expected = plan.make_plan(config, sizes, "h100-80gb", compile=False)
     params = re.search(r"^  parameters +([\d.]+) KiB +([\d.]+) KiB$", out, re.M)

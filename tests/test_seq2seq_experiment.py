@@ -83,7 +83,7 @@ def run_steps(mesh_sizes, steps=3):
 
 
 def test_losses_equal_across_meshes():
-    ref = run_steps({"data": 8, "fsdp": 1, "tensor": 1})
-    other = run_steps({"data": 2, "fsdp": 2, "tensor": 2})
+    ref = run_steps(sharding.axis_sizes(data=8))
+    other = run_steps(sharding.axis_sizes(data=2, fsdp=2, tensor=2))
     assert ref[2] < ref[0]  # it trains
     np.testing.assert_allclose(other, ref, rtol=1e-5)

@@ -51,7 +51,7 @@ class SpecialIds:
     vocab_end: int  # ordinary ids are [1, vocab_end); random replacements are drawn from there
 
     @classmethod
-    def after(cls, tokenizer: tokenizers.Tokenizer) -> "SpecialIds":
+    def after(cls, tokenizer: tokenizers.Tokenizer) -> SpecialIds:
         """MASK, CLS and SEP as the three ids following the tokenizer's vocabulary."""
         v = tokenizer.vocab_size
         return cls(pad=PAD_ID, mask=v, cls=v + 1, sep=v + 2, vocab_end=v)
@@ -66,7 +66,7 @@ class Masking:
     random_fraction: float = 0.1  # of those: replaced by a random ordinary id (the rest stay)
 
     @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "Masking":
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> Masking:
         """Read and check data.mask_rate / mask_token_fraction / random_token_fraction."""
         m = cls(cfg.mask_rate, cfg.mask_token_fraction, cfg.random_token_fraction)
         if not 0.0 < m.rate <= 1.0:
@@ -142,7 +142,8 @@ def mlm_dataset(
     return it
 
 
-def unigram_loss(docs: Sequence[Any], tokenizer: tokenizers.Tokenizer, text_key: str, max_tokens: int = 5_000_000) -> float:
+def unigram_loss(docs: Sequence[Any], tokenizer: tokenizers.Tokenizer, text_key: str,
+                 max_tokens: int = 5_000_000) -> float:
     """Entropy (nats) of the token distribution: the MLM loss of a model that ignores context."""
     counts = np.zeros(tokenizer.vocab_size, np.int64)
     seen = 0
@@ -165,7 +166,7 @@ def build(config: ml_collections.ConfigDict, shard: tuple[int, int]):
     tokenizer = pipeline.make_tokenizer(cfg, source)
     pipeline.check_vocab(tokenizer, config.model, extra=NUM_SPECIALS)
     masking = Masking.from_config(cfg)
-    common = dict(text_key=source.text_key, seq_len=cfg.seq_len, masking=masking, shard=shard)
+    common = {"text_key": source.text_key, "seq_len": cfg.seq_len, "masking": masking, "shard": shard}
     train = mlm_dataset(source.train, tokenizer, batch_size=config.train.batch_size, seed=config.seed,
                         mask_seed=config.seed, prefetch=cfg.prefetch, **common)
 

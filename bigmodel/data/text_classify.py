@@ -128,12 +128,14 @@ def _counts(labels: Sequence[int], names: Sequence[str]) -> dict[str, int]:
 
 
 def _check_files_cover_classes(train: Sequence[str], evals: Sequence[str], cfg: ml_collections.ConfigDict,
-                               available: collections.Counter) -> None:
+                               source: pipeline.TextSource) -> None:
     for split, files in (("train", train), ("evaluation", evals)):
         have = {label_of(p) for p in files}
         missing = [c for c in cfg.classes if c not in have]
         if not missing:
             continue
+        available = collections.Counter(label_of(s[i]["path"]) for s in (source.train, source.eval)
+                                        for i in range(len(s)))
         absent = [c for c in missing if c not in available]
         if absent:
             top = ", ".join(f"{k} ({n})" for k, n in available.most_common(20))
@@ -150,13 +152,11 @@ def _check_files_cover_classes(train: Sequence[str], evals: Sequence[str], cfg: 
 def _text_files_task(cfg: ml_collections.ConfigDict, source: pipeline.TextSource, tokenizer: tokenizers.Tokenizer,
                      framer: Framer) -> Split:
     if not cfg.classes:
-        raise ConfigError("config.data.classes is empty; name the first directories to tell apart, e.g. ('email', 'json')")
+        raise ConfigError("config.data.classes is empty; name the first directories to tell apart, "
+                          "e.g. ('email', 'json')")
     train_rows, train_src = file_snippets(source.train, cfg.classes, tokenizer, framer, cfg.snippets_per_class)
     eval_rows, eval_src = file_snippets(source.eval, cfg.classes, tokenizer, framer, cfg.eval_snippets_per_class)
-    available = collections.Counter(
-        label_of(source.train[i]["path"]) for i in range(len(source.train))) + collections.Counter(
-        label_of(source.eval[i]["path"]) for i in range(len(source.eval)))
-    _check_files_cover_classes(train_src, eval_src, cfg, available)
+    _check_files_cover_classes(train_src, eval_src, cfg, source)
     info = {"train_files": len(set(train_src)), "eval_files": len(set(eval_src))}
     labels = ([int(r["labels"]) for r in train_rows], [int(r["labels"]) for r in eval_rows])
     return grain.MapDataset.source(train_rows), grain.MapDataset.source(eval_rows), list(cfg.classes), labels, info
@@ -171,7 +171,8 @@ def _check_tfds_name(cfg: ml_collections.ConfigDict) -> None:
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:  # ValueError: unknown builder config
         raise ConfigError(
             f"config.data.name={cfg.name!r} is neither 'text_files' nor a known TFDS dataset "
-            f"({str(e).splitlines()[0].split(': ', 1)[-1][:200]}); use 'text_files' (the offline package task), 'glue/sst2' or 'imdb_reviews'"
+            f"({str(e).splitlines()[0].split(': ', 1)[-1][:200]}); use 'text_files' (the offline package task), "
+            "'glue/sst2' or 'imdb_reviews'"
         ) from None
 
 

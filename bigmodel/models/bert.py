@@ -16,6 +16,10 @@ Parameter counting: `BertEncoder` holds exactly the parameters of HF `BertModel`
 embeddings, encoder layers and (with `add_pooler`) the pooler, no MLM head. BERT-base
 with V = 30522 counts 109,482,240 with the pooler and 108,891,648 without.
 
+`model.position='rope'` replaces the position table with rotary embeddings of queries and
+keys in every layer (as RoFormer and ModernBERT do): attending by relative offset is then
+available from the first step, which small byte-level models learn far sooner.
+
 Known differences from the reference: `layers.Attention` has no dropout on attention
 probabilities. The MLP activation is the exact erf GELU of the reference by default
 (`model.activation`; 'gelu_tanh' is the cheaper approximation). Token id 0 ([PAD]) is
@@ -43,6 +47,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "large": dict(num_layers=24, d_model=1024, num_heads=16),
 }
 HEADS = ("mlm", "classify")
+POSITIONS = ("learned", "rope")
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
@@ -66,6 +71,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         num_classes=2,  # used when head == 'classify'
         dtype="float32",
         attention_impl="",  # '' lets JAX choose; 'xla' or 'cudnn' to force one
+        position="learned",  # 'learned' (the reference's table) | 'rope' (rotary in every layer, no table)
+        rope_base=10000.0,
     )
     fields.update(SIZES[size])
     return ml_collections.ConfigDict(fields)
@@ -88,6 +95,8 @@ class BertConfig:
     activation: str = "gelu"  # MLP activation, a key of layers.ACTIVATIONS
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention_impl: str = ""
+    position: str = "learned"  # 'learned' | 'rope'
+    rope_base: float = 10000.0
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "BertConfig":
@@ -111,7 +120,12 @@ class BertEmbeddings(nn.Module):
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         self.word = layers.Embed(cfg.vocab_size, cfg.d_model, dtype)
         init = layers.dense_init()
-        self.position = self.param("position", layers.partitioned(init, ("pos", "embed")), (cfg.max_len, cfg.d_model))
+        if cfg.position not in POSITIONS:
+            raise ValueError(f"unknown model.position {cfg.position!r} for bert; use one of {POSITIONS}")
+        if cfg.position == "learned":
+            self.position = self.param(
+                "position", layers.partitioned(init, ("pos", "embed")), (cfg.max_len, cfg.d_model)
+            )
         self.token_type = self.param(
             "token_type", layers.partitioned(init, (None, "embed")), (cfg.type_vocab_size, cfg.d_model)
         )
@@ -125,7 +139,8 @@ class BertEmbeddings(nn.Module):
         if length > cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
         x = self.word(tokens)
-        x = x + self.position[:length].astype(dtype)[None]
+        if cfg.position == "learned":
+            x = x + self.position[:length].astype(dtype)[None]
         x = x + jnp.take(self.token_type, type_ids, axis=0).astype(dtype)
         x = self.dropout(self.layer_norm(x), deterministic=not train)
         return layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
@@ -146,7 +161,8 @@ class BertLayer(nn.Module):
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         h = layers.Attention(
             cfg.num_heads, cfg.d_model // cfg.num_heads, dropout=cfg.dropout, dtype=dtype,
-            implementation=cfg.attention_impl or None, name="attention",
+            implementation=cfg.attention_impl or None, rope_base=cfg.rope_base if cfg.position == "rope" else 0.0,
+            name="attention",
         )(x, mask=mask, train=train)
         x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_ln")(x + h)
         x = layers.constrain(x, ("act_batch", "act_seq", "act_embed"))

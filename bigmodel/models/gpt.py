@@ -1,12 +1,26 @@
-"""GPT: a decoder-only causal language model (GPT-2 layout, pre-LayerNorm).
+"""GPT: a decoder-only causal language model (GPT-2 layout, pre-LayerNorm) and its variants.
 
 Einsum letters: B batch, T query length, S key/value length, D model width,
 N query heads, K kv heads, H head dim, F MLP hidden, V vocab.
+
+Structural switches in `config.model` (each independent; `LLAMA` sets them all):
+  position     'learned' (GPT-2's wpe table) | 'rope' (rotary, rope_base) | 'none'
+  norm         'layernorm' | 'rmsnorm' (norm_eps)
+  activation   'gelu_tanh' | 'gelu' | 'relu' | 'swiglu' | 'geglu' (gated: three MLP matrices)
+  num_kv_heads 0 = num_heads (multi-head); 1 = multi-query; a divisor of num_heads = grouped-query
+  use_bias     biases in attention, MLP and LayerNorm
+  tie_embeddings  output layer shares the token embedding table
+  num_experts  0 = dense MLPs; E > 0 = a routed mixture of experts (bigmodel.models.moe) in
+               every moe_every-th block, experts_per_token of them per token, capacity_factor
+               (<= 0 dropless), auxiliary losses moe_balance_weight and moe_z_weight
+The llama* sizes are Llama-style (RoPE, RMSNorm, SwiGLU, no biases, untied, GQA where the
+original has it); llama2_7b counts 6,738,415,616 parameters and llama3_8b 8,030,261,248.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -14,9 +28,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigmodel.models import layers
+from bigmodel.models import layers, moe
 
-# name: (num_layers, d_model, num_heads); d_ff = 4·d_model, GPT-2 vocab and context.
+# The Llama recipe (Touvron et al. 2023) as switches of this decoder.
+LLAMA: dict[str, Any] = dict(position="rope", norm="rmsnorm", activation="swiglu", use_bias=False,
+                             tie_embeddings=False, rope_base=10000.0, norm_eps=1e-5)
+
+# name: (num_layers, d_model, num_heads); d_ff = 4·d_model, GPT-2 vocab and context unless given.
 SIZES: dict[str, dict[str, Any]] = {
     "nano": dict(num_layers=2, d_model=64, num_heads=4, vocab_size=384, max_len=128),
     "tiny": dict(num_layers=4, d_model=128, num_heads=4, vocab_size=384, max_len=256),
@@ -25,7 +43,18 @@ SIZES: dict[str, dict[str, Any]] = {
     "350m": dict(num_layers=24, d_model=1024, num_heads=16),
     "774m": dict(num_layers=36, d_model=1280, num_heads=20),
     "1.5b": dict(num_layers=48, d_model=1600, num_heads=25),
+    # Llama-style; the small ones keep the byte vocabulary and have SwiGLU's F ≈ 8/3·D.
+    "llama_nano": dict(LLAMA, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=176, vocab_size=384,
+                       max_len=128),
+    "llama_tiny": dict(LLAMA, num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352, vocab_size=384,
+                       max_len=256),
+    "llama2_7b": dict(LLAMA, num_layers=32, d_model=4096, num_heads=32, d_ff=11008, vocab_size=32000, max_len=4096),
+    "llama3_1b": dict(LLAMA, num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, d_ff=8192,
+                      vocab_size=128256, max_len=8192, rope_base=500000.0, tie_embeddings=True),
+    "llama3_8b": dict(LLAMA, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, d_ff=14336,
+                      vocab_size=128256, max_len=8192, rope_base=500000.0),
 }
+POSITIONS = ("learned", "rope", "none")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -42,7 +71,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         size=size,
         vocab_size=50257,
         max_len=1024,
-        d_ff=0,  # 0 means 4·d_model
+        d_ff=0,  # 0 means 4·d_model (8/3·d_model rounded up to a multiple of 16 for gated MLPs)
         dropout=0.0,
         tie_embeddings=True,
         dtype="float32",
@@ -51,6 +80,19 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         attention_impl="",  # '' lets JAX choose; 'xla' or 'cudnn' to force one
         mup=False,  # maximal-update parameterisation (needs tie_embeddings=False)
         mup_base_width=128,  # d_model at which muP and the standard parameterisation coincide
+        position="learned",  # 'learned' | 'rope' | 'none'
+        rope_base=10000.0,  # rotary base (position='rope')
+        norm="layernorm",  # 'layernorm' | 'rmsnorm'
+        norm_eps=1e-5,
+        activation="gelu_tanh",  # MLP: 'gelu_tanh' (GPT-2) | 'gelu' | 'relu' | 'swiglu' | 'geglu'
+        num_kv_heads=0,  # 0 = num_heads; fewer = grouped-query attention, 1 = multi-query
+        use_bias=True,  # biases of attention, MLP and LayerNorm
+        num_experts=0,  # 0 = dense MLP; E > 0 = mixture of experts (d_ff is each expert's width)
+        experts_per_token=2,  # top-k routing: 1 (Switch) or 2 (GShard, Mixtral)
+        capacity_factor=1.25,  # slots per expert = ceil(k·T·factor / E); <= 0 = dropless (ragged_dot)
+        moe_every=1,  # an MoE block every n-th block (the others dense); 1 with scan_layers
+        moe_balance_weight=0.01,  # load-balancing loss weight
+        moe_z_weight=0.001,  # router z-loss weight
     )
     fields.update(SIZES[size])
     return ml_collections.ConfigDict(fields)
@@ -74,6 +116,19 @@ class GPTConfig:
     attention_impl: str = ""
     mup: bool = False  # maximal-update parameterisation (Yang et al. 2022)
     mup_base_width: int = 128  # base d_model of muP's width multiplier
+    position: str = "learned"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"
+    num_kv_heads: int = 0
+    use_bias: bool = True
+    num_experts: int = 0
+    experts_per_token: int = 2
+    capacity_factor: float = 1.25
+    moe_every: int = 1
+    moe_balance_weight: float = 0.01
+    moe_z_weight: float = 0.001
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "GPTConfig":
@@ -83,8 +138,13 @@ class GPTConfig:
 
     @property
     def hidden(self) -> int:
-        """F, the MLP width."""
-        return self.d_ff or 4 * self.d_model
+        """F, the MLP width: d_ff, else 4·D, or for gated MLPs 8/3·D rounded up to a multiple of 16
+        (the same 8·D² weights as 4·D with two matrices)."""
+        if self.d_ff:
+            return self.d_ff
+        if self.activation in layers.GATED:
+            return 16 * math.ceil(8 * self.d_model / 3 / 16)
+        return 4 * self.d_model
 
     @property
     def width_mult(self) -> float:
@@ -97,6 +157,7 @@ class Block(nn.Module):
 
     cfg: GPTConfig
     train: bool = False
+    moe: bool = False  # a routed mixture of experts in place of the MLP
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
@@ -107,7 +168,7 @@ class Block(nn.Module):
         # scale as 1/H instead of 1/sqrt(H), and the query starts at zero.
         hidden_scale = cfg.width_mult**-0.5
         residual_scale = (2 * cfg.num_layers) ** -0.5 * hidden_scale
-        h = layers.LayerNorm(dtype=dtype, name="ln_1")(x)
+        h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_1", cfg.use_bias)(x)
         h = layers.Attention(
             num_heads=cfg.num_heads,
             head_dim=head_dim,
@@ -119,12 +180,22 @@ class Block(nn.Module):
             scale=1.0 / head_dim if cfg.mup else None,
             init_scale=hidden_scale,
             zero_query=cfg.mup,
+            num_kv_heads=cfg.num_kv_heads or None,
+            rope_base=cfg.rope_base if cfg.position == "rope" else 0.0,
+            use_bias=cfg.use_bias,
             name="attn",
         )(h, train=self.train)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
-        h = layers.LayerNorm(dtype=dtype, name="ln_2")(x)
-        h = layers.Mlp(cfg.hidden, cfg.dropout, residual_scale, dtype, in_init_scale=hidden_scale,
-                       name="mlp")(h, train=self.train)
+        h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_2", cfg.use_bias)(x)
+        if self.moe:
+            h = moe.MoeMlp(
+                cfg.num_experts, cfg.experts_per_token, cfg.hidden, cfg.capacity_factor, cfg.activation,
+                cfg.moe_balance_weight, cfg.moe_z_weight, dtype, hidden_scale, residual_scale, name="moe",
+            )(h, train=self.train)
+            h = nn.Dropout(cfg.dropout, deterministic=not self.train)(h)
+        else:
+            h = layers.Mlp(cfg.hidden, cfg.dropout, residual_scale, dtype, use_bias=cfg.use_bias,
+                           activation=cfg.activation, in_init_scale=hidden_scale, name="mlp")(h, train=self.train)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
         return x, None
 
@@ -141,31 +212,40 @@ class GPT(nn.Module):
         length = tokens.shape[1]
         if length > cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
+        if cfg.position not in POSITIONS:
+            raise ValueError(f"unknown model.position {cfg.position!r}; use one of {POSITIONS}")
         embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype, name="wte")
-        pos = self.param(
-            "wpe", layers.partitioned(layers.dense_init(0.5), ("pos", "embed")), (cfg.max_len, cfg.d_model)
-        )
-        x = embed(tokens) + pos[:length].astype(dtype)[None]
+        x = embed(tokens)
+        if cfg.position == "learned":
+            pos = self.param(
+                "wpe", layers.partitioned(layers.dense_init(0.5), ("pos", "embed")), (cfg.max_len, cfg.d_model)
+            )
+            x = x + pos[:length].astype(dtype)[None]
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
 
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
+        if cfg.num_experts and cfg.moe_every < 1:
+            raise ValueError(f"model.moe_every={cfg.moe_every} must be >= 1")
+        is_moe = [cfg.num_experts > 0 and (i + 1) % cfg.moe_every == 0 for i in range(cfg.num_layers)]
         if cfg.scan_layers:
+            if len(set(is_moe)) > 1:
+                raise ValueError("model.scan_layers stacks identical blocks; use model.moe_every=1 with it")
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, moe.AUX: 0},
                 split_rngs={"params": True, "dropout": True},
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, train, name="blocks")(x, None)
+            x, _ = stack(cfg, train, is_moe[0], name="blocks")(x, None)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, train, name=f"block_{i}")(x, None)
+                x, _ = block(cfg, train, is_moe[i], name=f"block_{i}")(x, None)
 
-        x = layers.LayerNorm(dtype=dtype, name="ln_f")(x)
+        x = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_f", cfg.use_bias)(x)
         if cfg.tie_embeddings:
             if cfg.mup:
                 raise ValueError("model.mup needs model.tie_embeddings=False (muP's readout is separate)")

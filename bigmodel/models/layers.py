@@ -4,9 +4,10 @@ Einsum letters (one meaning everywhere in bigmodel.models):
   B batch, T query length, S key/value length, D model width, N query heads,
   K kv heads, H head dim, F MLP hidden, V vocab, C channels.
 
-Logical axis names. Weights: 'vocab', 'embed', 'mlp', 'heads', 'kv', 'pos', 'norm',
-'layers', 'classes', 'conv_in', 'conv_out'. Activations: 'act_batch', 'act_seq',
-'act_embed', 'act_mlp', 'act_heads', 'act_kv', 'act_vocab'. Their mapping onto mesh
+Logical axis names. Weights: 'vocab', 'embed', 'mlp', 'heads', 'kv_heads' (grouped-query
+key/value heads), 'kv', 'pos', 'norm', 'layers', 'classes', 'conv_in', 'conv_out'.
+Activations: 'act_batch', 'act_seq', 'act_embed', 'act_mlp', 'act_heads', 'act_kv_heads',
+'act_kv', 'act_vocab'. Their mapping onto mesh
 axes is `config.sharding.rules`; `constrain` and `check_rules` refuse a name with no
 rule, so a model cannot silently replicate a tensor by a typo.
 """
@@ -74,40 +75,99 @@ class LayerNorm(nn.Module):
         )(x)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): a scale and no centring or bias."""
+
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32  # output dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., D] with float32 statistics."""
+        return nn.RMSNorm(
+            epsilon=self.epsilon, dtype=self.dtype, param_dtype=jnp.float32,
+            scale_init=partitioned(nn.initializers.ones, ("norm",)),
+        )(x)
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, epsilon: float, dtype: Any, name: str, use_bias: bool = True) -> nn.Module:
+    """A LayerNorm (with or without bias) or an RMSNorm, by config name."""
+    if kind == "layernorm":
+        return LayerNorm(epsilon, use_bias=use_bias, dtype=dtype, name=name)
+    if kind == "rmsnorm":
+        return RMSNorm(epsilon, dtype=dtype, name=name)
+    raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}")
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] at positions [T].
+
+    Channel i of the first half pairs with channel i of the second half (the GPT-NeoX /
+    Hugging Face Llama layout); the pair turns by positions · base^(-2i/H). Computed in
+    float32 and returned in x's dtype.
+    """
+    h = x.shape[-1]
+    if h % 2:
+        raise ValueError(f"rotary embeddings need an even head dimension, got {h}")
+    inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+    angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # [T, H/2]
+    sin, cos = jnp.sin(angle)[None, :, None], jnp.cos(angle)[None, :, None]  # [1, T, 1, H/2]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # GPT-2's 'gelu_new'
     "gelu": lambda x: nn.gelu(x, approximate=False),  # exact erf GELU (BERT)
     "relu": nn.relu,
 }
+# Gated linear units (Shazeer 2020): act(x·W_gate) * (x·W_in), then W_out.
+GATED = {"swiglu": nn.silu, "geglu": lambda x: nn.gelu(x, approximate=False)}
 
 
 class Mlp(nn.Module):
-    """Two-layer feed-forward block D -> F -> D with GELU (or another `activation`)."""
+    """Feed-forward block D -> F -> D: GELU (or another `activation`), or a gated unit.
+
+    A gated activation ('swiglu', 'geglu') adds a second input projection `fc_gate`, so the
+    block holds 3·D·F weights instead of 2·D·F.
+    """
 
     d_ff: int  # F, hidden width
     dropout: float = 0.0
     out_init_scale: float = 1.0  # GPT-2 scales residual projections by 1/sqrt(2L)
     dtype: Any = jnp.float32  # compute dtype
     use_bias: bool = True
-    activation: str = "gelu_tanh"  # a key of ACTIVATIONS
+    activation: str = "gelu_tanh"  # a key of ACTIVATIONS or GATED
     in_init_scale: float = 1.0  # muP shrinks hidden initialisations with width
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown Mlp activation {self.activation!r}; use one of {sorted(ACTIVATIONS)}")
+        if self.activation not in ACTIVATIONS and self.activation not in GATED:
+            raise ValueError(
+                f"unknown Mlp activation {self.activation!r}; use one of {sorted(ACTIVATIONS) + sorted(GATED)}"
+            )
         d_model = x.shape[-1]
-        h = nn.Dense(
-            self.d_ff,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            kernel_init=partitioned(dense_init(self.in_init_scale), ("embed", "mlp")),
-            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
-            name="fc_in",
-        )(x)
-        h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-        h = ACTIVATIONS[self.activation](h)
+
+        def project(name: str) -> jax.Array:
+            h = nn.Dense(
+                self.d_ff,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                kernel_init=partitioned(dense_init(self.in_init_scale), ("embed", "mlp")),
+                bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+                name=name,
+            )(x)
+            return constrain(h, ("act_batch", "act_seq", "act_mlp"))
+
+        if self.activation in GATED:
+            h = GATED[self.activation](project("fc_gate")) * project("fc_in")
+        else:
+            h = ACTIVATIONS[self.activation](project("fc_in"))
         h = nn.Dense(
             d_model,
             use_bias=self.use_bias,
@@ -133,6 +193,8 @@ class Attention(nn.Module):
     scale: float | None = None  # logit scale; None = 1/sqrt(H), muP uses 1/H
     init_scale: float = 1.0  # of the query/key/value initialisation (muP shrinks it with width)
     zero_query: bool = False  # muP starts with a zero query projection
+    num_kv_heads: int | None = None  # K; None = N (multi-head), 1 = multi-query, else grouped-query
+    rope_base: float = 0.0  # > 0: rotary position embedding of queries and keys with this base
 
     @nn.compact
     def __call__(
@@ -145,22 +207,28 @@ class Attention(nn.Module):
         """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S]."""
         d_model = x.shape[-1]
         context = x if context is None else context
+        kv_heads = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv_heads:
+            raise ValueError(f"{self.num_heads} query heads cannot be grouped over {kv_heads} key/value heads")
+        # Fewer key/value heads get their own logical name, so the rules can shard them apart.
+        kv_name = "heads" if kv_heads == self.num_heads else "kv_heads"
 
         def proj(name: str, inputs: jax.Array) -> jax.Array:
+            heads, axis = (self.num_heads, "heads") if name == "query" else (kv_heads, kv_name)
             init = nn.initializers.zeros if name == "query" and self.zero_query else dense_init(self.init_scale)
             kernel = self.param(
-                f"{name}_kernel", partitioned(init, ("embed", "heads", "kv")),
-                (d_model, self.num_heads, self.head_dim),
+                f"{name}_kernel", partitioned(init, ("embed", axis, "kv")), (d_model, heads, self.head_dim)
             )
             y = jnp.einsum("bsd,dnh->bsnh", inputs.astype(self.dtype), kernel.astype(self.dtype))
             if self.use_bias:
-                bias = self.param(
-                    f"{name}_bias", partitioned(nn.initializers.zeros, ("heads", "kv")), (self.num_heads, self.head_dim)
-                )
+                bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (axis, "kv")), (heads, self.head_dim))
                 y = y + bias.astype(self.dtype)
-            return constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))
+            return constrain(y, ("act_batch", "act_seq", "act_" + axis, "act_kv"))
 
         q, k, v = proj("query", x), proj("key", context), proj("value", context)
+        if self.rope_base:
+            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base)
+            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base)
         y = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=self.causal, scale=self.scale, implementation=self.implementation
         )  # [B, T, N, H]

@@ -62,7 +62,7 @@ def run(base: ml_collections.ConfigDict, widths: Sequence[int], steps: int, head
     results: dict[int, list[dict[str, float]]] = {}
     for width in widths:
         config = width_config(base, width, head_dim, mup)
-        mesh, rules, module, task, tx, schedule = train.setup_model(config, {"data": 1, "fsdp": 1, "tensor": 1})
+        mesh, rules, module, task, tx, schedule = train.setup_model(config, sharding.axis_sizes())
         dummy = {k: np.zeros_like(v) for k, v in probe.items()}
         state, shardings, _ = train.sharded_init(train.init_fn(module, task, tx, dummy), jax.random.key(config.seed),
                                                  mesh, rules)

@@ -193,11 +193,17 @@ def _make_data(columns: dict[str, np.ndarray], source: str,
 
 
 def read_results(path: str | Path) -> ScalingData:
-    """Read a results CSV with columns params, tokens, loss (flops optional)."""
+    """Read a results CSV with columns params, tokens, loss (flops optional).
+
+    With a params_active column (mixtures of experts: the parameters one token uses) N is
+    that column rather than params.
+    """
     columns, lines = _read_table(
-        path, REQUIRED_COLUMNS, OPTIONAL_COLUMNS,
+        path, REQUIRED_COLUMNS, (*OPTIONAL_COLUMNS, "params_active"),
         hint="Rename the columns, or read other layouts with an adapter such as "
              "read_chinchilla_reference.")
+    if "params_active" in columns:
+        columns["params"] = columns.pop("params_active")
     return _make_data(columns, str(path), lines)
 
 
@@ -250,6 +256,8 @@ class Approach3Fit:
     @property
     def G(self) -> float:
         """G = (alpha A / (beta B))^(1/(alpha+beta)), so N_opt = G (C/6)^a."""
+        if self.alpha <= 0 or self.beta <= 0:  # no compute-optimal split (and no real power of a negative)
+            return math.nan
         return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
 
     def theta(self) -> np.ndarray:
@@ -392,7 +400,12 @@ def fit_approach3(data: ScalingData, starts: np.ndarray | None = None,
     starts = hoffmann_grid() if starts is None else np.atleast_2d(np.asarray(starts, float))
     objective = _HuberLogObjective(data.params, data.tokens, data.loss, delta)
     theta, value = _minimise(objective, starts, progress=progress)
-    return _fit_from_theta(theta, value, len(data), len(starts), delta)
+    fit = _fit_from_theta(theta, value, len(data), len(starts), delta)
+    if fit.alpha <= 0 or fit.beta <= 0:
+        raise ScalingDataError(
+            f"{data.source}: the best approach-3 fit has alpha={fit.alpha:.3g}, beta={fit.beta:.3g}: over "
+            "these runs the loss does not fall with both N and D. Add runs that span more sizes and budgets.")
+    return fit
 
 
 def _fit_from_theta(theta: np.ndarray, value: float, n_points: int, n_starts: int,
@@ -455,6 +468,9 @@ def bootstrap_approach3(data: ScalingData, fit: Approach3Fit, n_resamples: int =
             failed += 1
             continue
         f = _fit_from_theta(theta, value, len(sample), len(starts), fit.delta)
+        if f.alpha <= 0 or f.beta <= 0:  # a resample the law does not describe: counted as failed
+            failed += 1
+            continue
         row = [f.E, f.A, f.B, f.alpha, f.beta, f.a, f.b]
         if len(budgets):
             n_opt, d_opt, l_opt = f.optimal(budgets)

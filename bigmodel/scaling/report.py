@@ -18,11 +18,14 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 RESULTS = "results.csv"
-# `flops` is 6·N·D with N counting embeddings; `flops_with_attention` is the trainer's count.
-COLUMNS = ("run", "model", "width", "depth", "params", "params_nonembed", "tokens", "steps", "flops",
+# `flops` is 6·N·D with N the active parameters counting embeddings (params_active = params
+# except for a mixture of experts); `flops_with_attention` is the trainer's count.
+COLUMNS = ("run", "model", "width", "depth", "params", "params_nonembed", "params_active", "tokens", "steps", "flops",
            "flops_with_attention", "learning_rate", "budget_tokens", "budget_flops", "loss",
            "bits_per_byte", "wall_s", "status", "error")
 STATUSES = ("finished", "running", "failed", "planned")
@@ -159,6 +162,11 @@ def format_table(workdir: Path, rows: Sequence[dict[str, str]]) -> str:
 # --------------------------------------------------------------------------- the fit
 
 
+def active_params(row: dict[str, Any]) -> float:
+    """N for fits: the active parameters where the table has them (mixtures of experts), else params."""
+    return _num(row["params_active"]) if row.get("params_active", "") != "" else _num(row["params"])
+
+
 def _fit_dir(workdir: Path, family: str, families: Sequence[str]) -> Path:
     """Where `bigmodel sweep` writes a family's fit: DIR/fit, or DIR/fit/FAMILY with several."""
     return workdir / "fit" if len(families) == 1 else workdir / "fit" / family
@@ -169,7 +177,7 @@ def _scaling_data(rows: Sequence[dict[str, Any]]):
     from bigmodel.scaling import fit as fitlib
 
     family = rows[0]["model"] if rows else "?"
-    return fitlib.from_arrays([_num(r["params"]) for r in rows], [_num(r["tokens"]) for r in rows],
+    return fitlib.from_arrays([active_params(r) for r in rows], [_num(r["tokens"]) for r in rows],
                               [_num(r["loss"]) for r in rows], [_num(r["flops"]) for r in rows],
                               source=f"{RESULTS} ({family}, finished runs)")
 
@@ -338,8 +346,74 @@ def plot_families(rows: Sequence[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
+def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per family: sizes, a Kaplan L(C) = (C_c/C)^alpha_C fit on its compute envelope, and the
+    lowest loss reached within the largest compute budget every family covers.
+
+    C is the flops column (6·N_active·D), so mixtures of experts are charged for the
+    experts a token uses, not for all of them.
+    """
+    from bigmodel.scaling import fit as fitlib
+
+    groups = _groups(rows, lambda r: r["model"])
+    common = min(max(_num(r["flops"]) for r in g) for g in groups.values())
+    table = []
+    for family, group in groups.items():
+        largest = max(group, key=lambda r: _num(r["params"]))
+        entry: dict[str, Any] = {
+            "model": family, "runs": len(group), "params": int(_num(largest["params"])),
+            "params_active": int(active_params(largest)), "common_flops": common,
+            "loss_at_common_flops": min(_num(r["loss"]) for r in group if _num(r["flops"]) <= common * (1 + 1e-9)),
+        }
+        data = fitlib.from_arrays([active_params(r) for r in group], [_num(r["tokens"]) for r in group],
+                                  [_num(r["loss"]) for r in group], [_num(r["flops"]) for r in group], source=family)
+        try:
+            law = fitlib.fit_kaplan(data, "flops")
+            entry.update(alpha_c=law.alpha, alpha_c_se=law.alpha_se, c_c=law.x_c,
+                         envelope=[int(i) for i in law.envelope])
+        except fitlib.NotSupported as e:
+            entry["alpha_c"] = f"skipped: {e}"
+        table.append(entry)
+    return table
+
+
+def format_families(table: Sequence[dict[str, Any]]) -> str:
+    """The family comparison as a terminal table."""
+    lines = [f"{'model':<10} {'runs':>4} {'params':>9} {'active':>9} {'alpha_C':>14} "
+             f"{'loss @ ' + _count(table[0]['common_flops']) + ' FLOPs':>20}"]
+    for e in table:
+        alpha = (f"{e['alpha_c']:.4f} ± {e['alpha_c_se']:.3f}" if not isinstance(e["alpha_c"], str) else "-")
+        lines.append(f"{e['model']:<10} {e['runs']:>4} {_count(e['params']):>9} {_count(e['params_active']):>9} "
+                     f"{alpha:>14} {e['loss_at_common_flops']:>20.4f}")
+    return "\n".join(lines)
+
+
+def plot_families_compute(rows: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], path: Path) -> None:
+    """Every family's runs against compute, its envelope and its fitted L(C), overlaid."""
+    fig, ax = _axes("Model families: loss against compute", "training compute 6·N_active·D (FLOPs)")
+    for i, (entry, (family, group)) in enumerate(zip(table, _groups(rows, lambda r: r["model"]).items())):
+        colour = f"C{i}"
+        c = np.asarray([_num(r["flops"]) for r in group])
+        loss = np.asarray([_num(r["loss"]) for r in group])
+        ax.scatter(c, loss, color=colour, marker=MARKERS[i % len(MARKERS)], s=18, alpha=0.6)
+        label = family
+        if not isinstance(entry["alpha_c"], str):
+            env = np.asarray(entry["envelope"])
+            ax.plot(c[env], loss[env], color=colour, lw=1)
+            grid = np.geomspace(c.min(), c.max(), 50)
+            ax.plot(grid, (entry["c_c"] / grid) ** entry["alpha_c"], color=colour, ls="--", lw=1)
+            label = f"{family}: alpha_C {entry['alpha_c']:.3f}"
+        ax.plot([], [], color=colour, marker=MARKERS[i % len(MARKERS)], label=label)
+    ax.axvline(table[0]["common_flops"], color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
 def plot_sweep(rows: Sequence[dict[str, Any]], outdir: Path) -> list[Path]:
-    """The sweep's plots from finished rows into outdir; returns the files written."""
+    """The sweep's plots from finished rows into outdir; returns the files written.
+
+    With several families it also writes families.json (`compare_families`).
+    """
     outdir.mkdir(parents=True, exist_ok=True)
     written = [outdir / "loss_vs_params.png", outdir / "loss_vs_compute_by_size.png"]
     plot_loss_vs_params(rows, written[0])
@@ -347,4 +421,11 @@ def plot_sweep(rows: Sequence[dict[str, Any]], outdir: Path) -> list[Path]:
     if len({r["model"] for r in rows}) > 1:
         written.append(outdir / "families_loss_vs_params.png")
         plot_families(rows, written[-1])
+        table = compare_families(rows)
+        written.append(outdir / "families_loss_vs_compute.png")
+        plot_families_compute(rows, table, written[-1])
+        from bigmodel.metrics import atomic_write_text
+
+        atomic_write_text(outdir / "families.json", json.dumps(table, indent=2) + "\n")
+        print(format_families(table), flush=True)
     return written

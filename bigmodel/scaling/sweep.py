@@ -12,7 +12,8 @@ A sweep config is a `get_config(arg)` file with three groups:
   ``tokens``; ``mode='isoflop'`` takes compute budgets ``flops`` and, for each budget C and
   each size N, trains on D = C / (6 N) tokens, rounded to whole steps. N counts every
   parameter, embeddings included (Hoffmann et al. 2022), so results.csv's ``flops`` column
-  is exactly 6·N·D.
+  is exactly 6·N·D. For a mixture of experts N is the active count ``params_active`` (the
+  parameters one token uses: k of the E experts), in the budgets, the flops and the fits.
 * ``families``: optional overlays that put more model families on the same ladder, e.g.
   ``families.lstm.base.model = rnn.model_config('tiny')`` and
   ``families.lstm.sweep.num_layers = 2``. ``base.model`` is replaced whole; every other key
@@ -96,6 +97,7 @@ class Run:
     tokens: int  # steps * batch_size * seq_len
     params: int  # N with embeddings
     params_nonembed: int
+    params_active: int  # N a token uses: params unless a mixture of experts (then k of E experts)
     learning_rate: float
     budget_tokens: float | None  # grid: the requested token budget
     budget_flops: float | None  # isoflop: the requested compute budget C
@@ -104,8 +106,8 @@ class Run:
 
     @property
     def flops(self) -> int:
-        """Training compute 6·N·D with N including embeddings."""
-        return 6 * self.params * self.tokens
+        """Training compute 6·N·D with N the active parameters including embeddings."""
+        return 6 * self.params_active * self.tokens
 
 
 @dataclasses.dataclass
@@ -192,11 +194,11 @@ def sized_model(model: ml_collections.ConfigDict, width: int, depth: int, head_d
     return model
 
 
-_PARAM_CACHE: dict[str, tuple[int, int]] = {}
+_PARAM_CACHE: dict[str, tuple[int, int, int]] = {}
 
 
-def count_params(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    """(all parameters, embedding parameters) of config.model, counted as the trainer does."""
+def count_params(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(all, embedding, inactive expert) parameters of config.model, counted as the trainer does."""
     key = json.dumps([config.model.to_dict(), config.data.seq_len], sort_keys=True, default=str)
     if key not in _PARAM_CACHE:
         import jax
@@ -210,7 +212,8 @@ def count_params(config: ml_collections.ConfigDict) -> tuple[int, int]:
         variables = jax.eval_shape(
             lambda rng: module.init({"params": rng, "dropout": rng}, tokens, train=False), jax.random.key(0))
         params = variables["params"]
-        _PARAM_CACHE[key] = (flops.param_count(params), flops.embedding_param_count(params))
+        _PARAM_CACHE[key] = (flops.param_count(params), flops.embedding_param_count(params),
+                             flops.inactive_param_count(params, config.model))
     return _PARAM_CACHE[key]
 
 
@@ -279,21 +282,22 @@ def _family_points(base: ml_collections.ConfigDict, sweep: ml_collections.Config
     for budget in budgets:
         for width in sweep.widths:
             depth = depth_for(sweep, width)
-            cfg, error, params, embed = _copy(base), "", 0, 0
+            cfg, error, params, embed, inactive = _copy(base), "", 0, 0, 0
             try:
                 cfg.model = sized_model(base.model, width, depth, sweep.head_dim)
-                params, embed = count_params(cfg)
+                params, embed, inactive = count_params(cfg)
             except (ConfigError, ValueError, TypeError) as e:
                 error = f"config error: {e}"
             if sweep.mode == "grid":
                 steps = steps_for(budget, tokens_per_step)
             else:
-                steps = steps_for(budget / (6.0 * params), tokens_per_step) if params else 0
+                steps = steps_for(budget / (6.0 * (params - inactive)), tokens_per_step) if params else 0
             if not error and steps < sweep.min_steps:
                 continue  # too short to mean anything (isoFLOP budgets spanning many sizes)
             yield Run(
                 index=-1, id="", family=label, width=int(width), depth=depth, steps=steps,
                 tokens=steps * tokens_per_step, params=params, params_nonembed=params - embed,
+                params_active=params - inactive,
                 learning_rate=learning_rate_for(base.optim.learning_rate, sweep, width),
                 budget_tokens=budget if sweep.mode == "grid" else None,
                 budget_flops=budget if sweep.mode == "isoflop" else None,
@@ -411,6 +415,7 @@ def result_row(sweep: Sweep, run: Run) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run": run.id, "model": run.family, "width": run.width, "depth": run.depth,
         "params": run.params or "", "params_nonembed": run.params_nonembed if run.params else "",
+        "params_active": run.params_active if run.params else "",
         "tokens": run.tokens, "steps": run.steps, "flops": run.flops or "",
         "learning_rate": run.learning_rate,
         "budget_tokens": run.budget_tokens or "", "budget_flops": run.budget_flops or "",

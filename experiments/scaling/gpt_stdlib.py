@@ -91,9 +91,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
+    c.mesh.expert = 1  # data parallel outside mixture-of-experts layers
+    c.mesh.sequence = 1  # splits activations along the sequence
     c.mesh.tensor = 1
+    c.mesh.slices = 1  # > 1: that many slices/nodes joined over DCN along dcn_axis
+    c.mesh.dcn_axis = "data"
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = sharding.DEFAULT_RULES
+    c.sharding.zero1 = False  # True: Adam's moments split over 'data' (ZeRO-1)
     return c
 
 

@@ -23,28 +23,17 @@ vocabulary-sized matrix.
 Variants:  ':tiny' 3 one-layer widths × 1 budget per family on the small-corpus settings.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from bigmodel import config as config_lib
 from bigmodel.models import rnn
-
-
-def _gpt_stdlib():
-    """experiments/scaling/gpt_stdlib.py, loaded from next to this file."""
-    path = pathlib.Path(__file__).with_name("gpt_stdlib.py")
-    spec = importlib.util.spec_from_file_location("bigmodel_experiment_gpt_stdlib", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """GPT and LSTM on the gpt_stdlib ladder, one token budget."""
     if arg not in ("", "tiny"):
         raise ValueError(f"unknown variant {arg!r} for transformer_vs_lstm; use ':tiny' or nothing")
-    c = _gpt_stdlib().get_config(arg)
+    c = config_lib.sibling_config(__file__, "gpt_stdlib.py", arg)
     c.sweep.families = ("gpt", "lstm")
     c.sweep.tokens = c.sweep.tokens[-1:]  # one budget: L(N) at fixed data, as in the figure
     lstm = rnn.model_config("tiny")  # width and depth set by the ladder

@@ -24,7 +24,7 @@ def random_docs(n=120, seed=0):
 
 
 def dataset(docs, **kw):
-    args = dict(text_key="text", seq_len=64, batch_size=8, seed=1, mask_seed=1)
+    args = {"text_key": "text", "seq_len": 64, "batch_size": 8, "seed": 1, "mask_seed": 1}
     args.update(kw)
     return mlm.mlm_dataset(docs, TOK, **args)
 

@@ -29,11 +29,11 @@ def prepare_data(data_dir: str) -> None:
     text_files.prepare(SMALL_CORPUS, data_dir, 0.2)
 
 
-def launch_local(workdir, data_dir, processes: int, devices: int) -> int:
+def launch_local(workdir, data_dir, processes: int, devices: int, *overrides: str) -> int:
     """`bigmodel launch local` as a user types it."""
     return cli.main(["launch", "local", "--processes", str(processes), "--devices_per_process", str(devices),
                      "--config", GPT_TINY + ":tiny", "--workdir", str(workdir),
-                     *(f"--config.{o}" for o in run_overrides(data_dir))])
+                     *(f"--config.{o}" for o in [*run_overrides(data_dir), *overrides])])
 
 
 def logged(workdir, key: str = "loss") -> dict[int, float]:
@@ -82,6 +82,22 @@ def test_two_processes_match_one(two_process_run, one_process_run):
                                rtol=1e-5)
     np.testing.assert_allclose(list(logged(two_process_run, "grad_norm").values()),
                                list(logged(one_process_run, "grad_norm").values()), rtol=1e-5)
+
+
+def test_two_slices_joined_along_the_sequence_match_one_process(one_process_run, data_dir, tmp_path):
+    # Each process is a slice (mesh_utils.create_hybrid_device_mesh, process_is_granule) holding
+    # data=2 x sequence=1; the DCN joins them along 'sequence'. So both processes hold every row:
+    # they must load the same batches, which process_batch_shard arranges. ZeRO-1 splits Adam over data.
+    workdir = tmp_path / "slices"
+    assert launch_local(workdir, data_dir, 2, 2, "mesh.sequence=2", "mesh.slices=2", "mesh.dcn_axis=sequence",
+                        "sharding.zero1=true") == 0
+    info = json.loads((workdir / "run_info.json").read_text())
+    assert info["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "sequence": 2, "tensor": 1}
+    assert (info["process_count"], info["device_count"]) == (2, 4)
+    slices, one = logged(workdir), logged(one_process_run)
+    np.testing.assert_allclose([slices[s] for s in one], list(one.values()), rtol=1e-5)
+    np.testing.assert_allclose(logged(workdir, "eval_loss")[STEPS], logged(one_process_run, "eval_loss")[STEPS],
+                               rtol=1e-5)
 
 
 def stopped_at_3(run, tmp_path, name):

@@ -137,3 +137,21 @@ def test_golden_bert_base_counts():
 
 def test_golden_bert_large_count():
     assert encoder_count(bert.model_config("large"), pooler=True) == 335_141_888
+
+
+def test_rotary_positions_replace_the_table_and_see_order():
+    cfg = bert.model_config("tiny")
+    cfg.vocab_size, cfg.max_len, cfg.position = 300, 64, "rope"
+    assert encoder_count(cfg, pooler=False) == expected_encoder(cfg, pooler=False) - cfg.max_len * cfg.d_model
+    model = build(cfg)
+    tokens = jnp.array([[258, 5, 6, 7, 8, 259]], jnp.int32)
+    variables = model.init(key(), tokens)
+    assert "position" not in variables["params"]["bert"]["embeddings"]
+    # Without a table, order reaches the model through the rotation alone: swapping two tokens
+    # changes the logits at a third position.
+    a = model.apply(variables, tokens)
+    b = model.apply(variables, tokens[:, jnp.array([0, 2, 1, 3, 4, 5])])
+    assert not np.allclose(a[0, 4], b[0, 4], atol=1e-5)
+    from bigmodel import hf
+    with pytest.raises(ValueError, match="model.position='rope' has no Hugging Face BERT equivalent"):
+        hf.hf_config(cfg)

@@ -26,8 +26,9 @@ def test_shapes_and_dtype():
     assert not np.allclose(logits, other)
 
 
-def test_causality():
-    cfg = gpt.model_config("nano")
+@pytest.mark.parametrize("size", ["nano", "llama_nano"])  # learned positions; rotary with grouped-query heads
+def test_causality(size):
+    cfg = gpt.model_config(size)
     module, variables = init(cfg)
     tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 257)
     changed = tokens.at[0, 10].set((tokens[0, 10] + 7) % 257)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigmodel import config as config_lib, train
+from bigmodel import config as config_lib, sharding, train
 from bigmodel.scaling import coordcheck
 
 from conftest import GPT_TINY
@@ -36,7 +36,7 @@ def test_mup_is_flat_and_standard_grows(base):
 def test_mup_learning_rates_per_group(base):
     config = coordcheck.width_config(base, 128, 8, mup=True)
     assert config.model.num_heads == 16 and config.optim.grad_clip == 0.0
-    mesh, rules, module, task, tx, _ = train.setup_model(config, {"data": 8, "fsdp": 1, "tensor": 1})
+    mesh, rules, module, task, tx, _ = train.setup_model(config, sharding.axis_sizes(data=8))
     abstract = jax.eval_shape(train.init_fn(module, task, tx, task.dummy_batch(8, 32)), jax.random.key(0))
     labels = train.mup_labels(abstract.params)
     assert labels["block_0"]["mlp"]["fc_in"]["kernel"].value == "hidden"
@@ -57,6 +57,6 @@ def test_mup_learning_rates_per_group(base):
 def test_mup_refuses_tied_embeddings(base):
     config = coordcheck.width_config(base, 64, 8, mup=True)
     config.model.tie_embeddings = True
-    mesh, rules, module, task, tx, _ = train.setup_model(config, {"data": 8, "fsdp": 1, "tensor": 1})
+    mesh, rules, module, task, tx, _ = train.setup_model(config, sharding.axis_sizes(data=8))
     with pytest.raises(ValueError, match="model.mup needs model.tie_embeddings=False"):
         jax.eval_shape(train.init_fn(module, task, tx, task.dummy_batch(8, 32)), jax.random.key(0))

@@ -341,3 +341,12 @@ def test_flops_column_is_optional(tmp_path):
     data = F.read_results(write_csv(tmp_path / "r2.csv", cols))
     assert data.flops_source == "column"
     np.testing.assert_allclose(data.flops, 7 * data.params * data.tokens)
+
+
+def test_a_fit_whose_loss_rises_with_size_is_refused_with_the_reason():
+    n = np.array([1e5, 1e5, 3e5, 3e5, 1e6, 1e6, 3e6, 3e6])
+    d = np.array([1e7, 4e7] * 4)
+    loss = 2.0 + 1e-3 * n**0.3 + 50.0 / d**0.3  # bigger models do worse
+    data = F.from_arrays(n, d, loss)
+    with pytest.raises(F.ScalingDataError, match="does not fall with both N and D"):
+        F.fit_approach3(data, starts=F.small_grid())
