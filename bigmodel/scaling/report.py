@@ -270,7 +270,7 @@ def _axes(title: str, xlabel: str):
     """A Figure (Agg canvas, no pyplot) with one log-log axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig = Figure(figsize=(7.0, 4.8), dpi=130, layout="constrained")
     FigureCanvasAgg(fig)
@@ -284,6 +284,7 @@ def _axes(title: str, xlabel: str):
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 3.5 rather than 3.5x10^0 on the loss axis
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones collide on short ranges
     return fig, ax
 
 
