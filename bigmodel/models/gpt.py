@@ -77,7 +77,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         dtype="float32",
         remat="none",
         scan_layers=False,
-        attention_impl="",  # '' lets JAX choose; 'xla' or 'cudnn' to force one
+        attention_impl="",  # '': 'einsum' on CPU, JAX's choice elsewhere; or 'einsum', 'xla', 'cudnn'
         mup=False,  # maximal-update parameterisation (needs tie_embeddings=False)
         mup_base_width=128,  # d_model at which muP and the standard parameterisation coincide
         position="learned",  # 'learned' | 'rope' | 'none'
