@@ -111,3 +111,9 @@ def test_flops_per_token_formula():
     nonembed = 124_439_808 - 50257 * 768 - 1024 * 768
     per_token = flops.gpt_flops_per_token(cfg, nonembed, 1024)
     assert per_token == 6 * (nonembed + 50257 * 768) + 12 * 12 * 1024 * 768
+
+
+def test_deep_sizes_scan_their_layers_by_default():
+    assert {s for s in gpt.SIZES if gpt.model_config(s).scan_layers} == {
+        s for s, f in gpt.SIZES.items() if f["num_layers"] >= gpt.SCAN_FROM_LAYERS}
+    assert gpt.model_config("124m").scan_layers and not gpt.model_config("tiny").scan_layers
