@@ -33,13 +33,18 @@ def param_count(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nn.meta.unbox(params)))
 
 
-def embedding_param_count(boxed_params: Any) -> int:
-    """Scalars in parameters whose logical axes include 'vocab' or 'pos' (lookup tables)."""
+def count_on_axes(boxed_params: Any, axes: set[str]) -> int:
+    """Scalars in boxed parameters with at least one logical axis in `axes`."""
     total = 0
     for leaf in jax.tree.leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
-        if isinstance(leaf, nn.Partitioned) and EMBEDDING_AXES & set(leaf.names):
+        if isinstance(leaf, nn.Partitioned) and axes & set(leaf.names):
             total += int(leaf.value.size)
     return total
+
+
+def embedding_param_count(boxed_params: Any) -> int:
+    """Scalars in parameters whose logical axes include 'vocab' or 'pos' (lookup tables)."""
+    return count_on_axes(boxed_params, EMBEDDING_AXES)
 
 
 def inactive_param_count(boxed_params: Any, model_cfg: Any) -> int:
@@ -50,10 +55,7 @@ def inactive_param_count(boxed_params: Any, model_cfg: Any) -> int:
     """
     if "num_experts" not in model_cfg or not model_cfg.num_experts:
         return 0
-    expert = 0
-    for leaf in jax.tree.leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
-        if isinstance(leaf, nn.Partitioned) and "expert" in leaf.names:
-            expert += int(leaf.value.size)
+    expert = count_on_axes(boxed_params, {"expert"})
     return round(expert * (1 - model_cfg.experts_per_token / model_cfg.num_experts))
 
 

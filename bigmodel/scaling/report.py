@@ -392,7 +392,9 @@ def format_families(table: Sequence[dict[str, Any]]) -> str:
 def plot_families_compute(rows: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], path: Path) -> None:
     """Every family's runs against compute, its envelope and its fitted L(C), overlaid."""
     fig, ax = _axes("Model families: loss against compute", "training compute 6·N_active·D (FLOPs)")
-    for i, (entry, (family, group)) in enumerate(zip(table, _groups(rows, lambda r: r["model"]).items())):
+    groups = _groups(rows, lambda r: r["model"])
+    for i, entry in enumerate(table):
+        family, group = entry["model"], groups[entry["model"]]
         colour = f"C{i}"
         c = np.asarray([_num(r["flops"]) for r in group])
         loss = np.asarray([_num(r["loss"]) for r in group])
