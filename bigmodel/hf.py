@@ -221,7 +221,7 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
 
 # Structural switches a Hugging Face GPT-2 / BERT checkpoint can express, at their only value.
 GPT2_LAYOUT = {"position": "learned", "norm": "layernorm", "activation": "gelu_tanh", "num_kv_heads": (0, None),
-               "use_bias": True, "mup": False}
+               "use_bias": True, "mup": False, "num_experts": 0}
 BERT_LAYOUT = {"position": "learned"}
 
 

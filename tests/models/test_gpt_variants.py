@@ -115,6 +115,10 @@ def test_hf_export_refuses_llama_layout():
     from bigmodel import hf
     with pytest.raises(ValueError, match="model.position='rope' has no Hugging Face GPT-2 equivalent"):
         hf.hf_config(gpt.model_config("llama_tiny"))
+    moe = gpt.model_config("tiny")
+    moe.num_experts = 4
+    with pytest.raises(ValueError, match="model.num_experts=4 has no Hugging Face GPT-2 equivalent"):
+        hf.hf_config(moe)
 
 
 @pytest.mark.parametrize("variant", ["llama", "moe"])
