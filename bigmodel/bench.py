@@ -3,7 +3,8 @@
   bigmodel bench train   --config … [--steps N]   the jitted train step alone
   bigmodel bench data    --config … [--batches N] the input pipeline alone
   bigmodel bench compare --config … [--steps N]   bigmodel vs a PyTorch eager GPT of the
-                                                  same shapes, side by side in one run
+                                                  same shapes in one process, their steps
+                                                  timed in alternating rounds
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
@@ -35,19 +36,25 @@ def _peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _median_step(run_step, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run_step()
-    times = []
+def _median_times(runners: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each runner, timed in alternating rounds after warm-up.
+
+    Alternating keeps a noisy machine's slow spells from landing on one side of a comparison.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(steps):
-        start = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
-    """Time the compiled train step on real batches (data loading excluded)."""
+def prepare_train(config: ml_collections.ConfigDict) -> tuple[Callable[[], None], Callable[[float], dict]]:
+    """Compile the train step on real batches (data loading excluded): (run one step, report)."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -58,7 +65,7 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) 
     mesh, rules, module, task, tx, schedule = train.setup_model(config, sizes, hybrid=True)
     data = data_lib.build(config, shard=sharding.process_batch_shard(mesh))
     it = iter(data.train)
-    local = [next(it) for _ in range(min(steps + warmup, 8))]
+    local = [next(it) for _ in range(4)]
     micro = config.train.batch_size // config.train.grad_accum
     dummy = {k: np.zeros((micro, *v.shape[1:]), v.dtype) for k, v in local[0].items()}
     state, shardings, abstract = train.sharded_init(
@@ -72,15 +79,14 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) 
             out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
         ).lower(state, batches[0], jax.random.key(1)).compile()
         compile_s = time.perf_counter() - start
-        holder = {"state": state, "i": 0}
+    holder = {"state": state, "i": 0}
 
-        def run_step() -> None:
-            batch = batches[holder["i"] % len(batches)]
-            holder["state"], mets = step_fn(holder["state"], batch, jax.random.key(1))
-            jax.block_until_ready(mets["loss"])
-            holder["i"] += 1
+    def run_step() -> None:
+        batch = batches[holder["i"] % len(batches)]
+        holder["state"], mets = step_fn(holder["state"], batch, jax.random.key(1))
+        jax.block_until_ready(mets["loss"])
+        holder["i"] += 1
 
-        step_s = _median_step(run_step, steps, warmup)
     params = flops.param_count(abstract.params)
     units = config.train.batch_size * data.units_per_example
     if config.model.name == "gpt":
@@ -89,22 +95,32 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) 
         per_unit = flops.gpt_flops_per_token(config.model, active, config.data.seq_len)
     else:
         per_unit = float(step_fn.cost_analysis().get("flops", math.nan)) / units
-    peak, source = flops.peak_flops()
-    return {
-        "name": f"train/{config.model.name}:{config.model.size}",
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-        f"{task.units}_per_s": units / step_s,
-        "step_s": step_s,
-        "compile_s": compile_s,
-        f"flops_per_{task.units[:-1]}": per_unit,
-        "achieved_flops": per_unit * units / step_s,
-        "mfu": per_unit * units / step_s / peak,
-        "peak_flops": peak,
-        "peak_flops_source": source,
-        "peak_memory_bytes": _peak_memory_bytes(),
-        "params": params,
-    }
+
+    def report(step_s: float) -> dict[str, Any]:
+        peak, source = flops.peak_flops()
+        return {
+            "name": f"train/{config.model.name}:{config.model.size}",
+            "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(),
+            f"{task.units}_per_s": units / step_s,
+            "step_s": step_s,
+            "compile_s": compile_s,
+            f"flops_per_{task.units[:-1]}": per_unit,
+            "achieved_flops": per_unit * units / step_s,
+            "mfu": per_unit * units / step_s / peak,
+            "peak_flops": peak,
+            "peak_flops_source": source,
+            "peak_memory_bytes": _peak_memory_bytes(),
+            "params": params,
+        }
+
+    return run_step, report
+
+
+def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Time the compiled train step on real batches (data loading excluded)."""
+    run_step, report = prepare_train(config)
+    return report(_median_times({"train": run_step}, steps, warmup)["train"])
 
 
 def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any]:
@@ -124,8 +140,8 @@ def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any
             "seconds": seconds}
 
 
-def bench_torch_gpt(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
-    """A plain PyTorch eager GPT with the same shapes, AdamW and FLOP count."""
+def prepare_torch_gpt(config: ml_collections.ConfigDict) -> tuple[Callable[[], None], Callable[[float], dict]]:
+    """A plain PyTorch eager GPT with the same shapes, AdamW and FLOP count: (run one step, report)."""
     import torch
 
     from bigmodel import flops, torch_gpt
@@ -147,13 +163,16 @@ def bench_torch_gpt(config: ml_collections.ConfigDict, steps: int, warmup: int =
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         opt.step()
 
-    step_s = _median_step(run_step, steps, warmup)
     params = sum(p.numel() for p in model.parameters())
     embed = model.wte.weight.numel() + model.wpe.weight.numel()
     per_token = flops.gpt_flops_per_token(m, params - embed, seq)
-    return {"name": "train/torch-eager-gpt", "device_kind": "cpu", "threads": torch.get_num_threads(),
-            "tokens_per_s": batch * seq / step_s, "step_s": step_s, "flops_per_token": per_token,
-            "achieved_flops": per_token * batch * seq / step_s, "params": params}
+
+    def report(step_s: float) -> dict[str, Any]:
+        return {"name": "train/torch-eager-gpt", "device_kind": "cpu", "threads": torch.get_num_threads(),
+                "torch_version": torch.__version__, "tokens_per_s": batch * seq / step_s, "step_s": step_s,
+                "flops_per_token": per_token, "achieved_flops": per_token * batch * seq / step_s, "params": params}
+
+    return run_step, report
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -172,9 +191,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if config.model.name != "gpt":
         print("bigmodel: bench compare needs a GPT config", file=sys.stderr)
         return 2
-    ours = bench_train(config, args.steps)
+    # Both steps in one process, timed in alternating rounds.
+    (ours_step, ours_report), (theirs_step, theirs_report) = prepare_train(config), prepare_torch_gpt(config)
+    step_s = _median_times({"bigmodel": ours_step, "torch": theirs_step}, args.steps, warmup=2)
+    ours, theirs = ours_report(step_s["bigmodel"]), theirs_report(step_s["torch"])
     _emit(ours)
-    theirs = bench_torch_gpt(config, args.steps)
     _emit(theirs)
     _emit({"name": "compare", "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
            "measured_peak_flops": ours["peak_flops"], "bigmodel_mfu": ours["mfu"],

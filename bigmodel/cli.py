@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bigmodel` console script."""
+    from bigmodel import hostmem
+
+    hostmem.tune_malloc()  # before JAX starts its threads
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = _split_overrides(argv)

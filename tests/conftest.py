@@ -10,6 +10,10 @@ import sysconfig  # noqa: E402
 
 import pytest  # noqa: E402
 
+from bigmodel import hostmem  # noqa: E402
+
+hostmem.tune_malloc()  # as the `bigmodel` command does, before JAX starts its threads
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GPT_TINY = str(REPO / "experiments" / "gpt_tiny.py")
 # A slice of the standard library: real Python source, ~30 files, present everywhere.

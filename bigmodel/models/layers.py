@@ -102,9 +102,8 @@ def make_norm(kind: str, epsilon: float, dtype: Any, name: str, use_bias: bool =
     raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}")
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float, seq_axis: int = 1) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] (or [B, N, T, H] with
-    seq_axis=2) at positions [T].
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] at positions [T].
 
     Channel i of the first half pairs with channel i of the second half (the GPT-NeoX /
     Hugging Face Llama layout); the pair turns by positions · base^(-2i/H). Computed in
@@ -115,9 +114,7 @@ def rotary(x: jax.Array, positions: jax.Array, base: float, seq_axis: int = 1) -
         raise ValueError(f"rotary embeddings need an even head dimension, got {h}")
     inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
     angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # [T, H/2]
-    shape = [1] * x.ndim
-    shape[seq_axis], shape[-1] = angle.shape
-    sin, cos = jnp.sin(angle).reshape(shape), jnp.cos(angle).reshape(shape)
+    sin, cos = jnp.sin(angle)[:, None], jnp.cos(angle)[:, None]  # [T, 1, H/2]
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return out.astype(x.dtype)
@@ -185,27 +182,72 @@ class Mlp(nn.Module):
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis whose derivative is y·(t - Σ y·t), one fused pass.
+
+    (`jax.nn.softmax` differentiates through exp and the division unless the global flag
+    `jax_softmax_custom_jvp` is set; that costs two extra passes over the attention logits.)
+    """
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+    return unnormalized / unnormalized.sum(-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    y = softmax(x)
+    return y, y * (t - (y * t).sum(-1, keepdims=True))
+
+
+CAUSAL_BLOCK = 128  # query rows per block of the causal einsum attention
+
+
+def _query_blocks(t: int, s: int, causal: bool, block: int) -> list[tuple[int, int, int]]:
+    """(first query, end query, end key) per block; a causal block sees keys up to its last query."""
+    if not causal or t <= block:
+        return [(0, t, s)]
+    return [(a, min(a + block, t), min(a + block, t) + s - t) for a in range(0, t, block)]
+
+
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool,
-                     scale: float | None) -> jax.Array:
+                     scale: float | None, block: int = CAUSAL_BLOCK) -> jax.Array:
     """Attention in the heads-major layout: q [B, N, T, H], k and v [B, K, S, H] -> [B, N, T, H].
 
-    Batched matmuls with the batch and head dimensions leading need no transposes, which on
-    CPU makes this about twice as fast as `jax.nn.dot_product_attention`'s XLA path (that takes
-    [B, T, N, H]). Logits and softmax in float32; grouped-query heads share their key/value head.
+    Batch and key/value heads merge into one leading matmul batch dimension (Z = B·K), the
+    query heads sharing a key/value head stack along the rows (grouped-query attention), so
+    every product is a plain batched matmul without transposes. Causal attention runs in
+    blocks of `block` query rows, each against only the keys it can see: the upper triangle
+    of the logits is never computed, about 40% fewer attention FLOPs and softmax work at
+    T = 4·block. Logits and softmax in float32. On CPU this is 1.4-2x faster than
+    `jax.nn.dot_product_attention`'s XLA path.
     """
     b, n, t, h = q.shape
     kv, s = k.shape[1], k.shape[2]
-    grouped = q.reshape(b, kv, n // kv, t, h)
-    logits = jnp.einsum("bkgth,bksh->bkgts", grouped, k, preferred_element_type=jnp.float32).reshape(b, n, t, s)
-    logits = logits * (h**-0.5 if scale is None else scale)
-    keep = mask
-    if causal:
-        below = jnp.tril(jnp.ones((t, s), bool), k=s - t)
-        keep = below if keep is None else keep & below
-    if keep is not None:
-        logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, n // kv, t, s)
-    return jnp.einsum("bkgts,bksh->bkgth", probs, v).reshape(b, n, t, h)
+    g = n // kv
+    q = q.reshape(b * kv, g, t, h)
+    k, v = k.reshape(b * kv, s, h), v.reshape(b * kv, s, h)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (b, n, *mask.shape[2:])).reshape(b * kv, g, *mask.shape[2:])
+    scale = h**-0.5 if scale is None else scale
+    outs = []
+    for start, end, keys in _query_blocks(t, s, causal, block):
+        logits = jnp.einsum("zgth,zsh->zgts", q[:, :, start:end], k[:, :keys], preferred_element_type=jnp.float32)
+        keep = None
+        if mask is not None:
+            keep = mask[..., start:end, :keys] if mask.shape[2] == t else mask[..., :keys]
+        if causal:
+            below = jnp.arange(keys)[None, :] <= jnp.arange(start, end)[:, None] + (s - t)
+            keep = below if keep is None else keep & below
+        if keep is not None:
+            logits = jnp.where(keep, logits * scale, jnp.finfo(jnp.float32).min)
+        else:
+            logits = logits * scale
+        probs = softmax(logits).astype(v.dtype)
+        outs.append(jnp.einsum("zgts,zsh->zgth", probs, v[:, :keys]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out.reshape(b, n, t, h)
 
 
 class Attention(nn.Module):
@@ -249,8 +291,6 @@ class Attention(nn.Module):
         impl = self.implementation or ("einsum" if jax.default_backend() == "cpu" else None)
         if impl is not None and impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTENTION_IMPLS} or ''")
-        heads_major = impl == "einsum"  # [B, N, T, H] for einsum_attention, else [B, T, N, H]
-        layout, seq_axis = ("bnsh", 2) if heads_major else ("bsnh", 1)
 
         def proj(name: str, inputs: jax.Array) -> jax.Array:
             heads, axis = (self.num_heads, "heads") if name == "query" else (kv_heads, kv_name)
@@ -258,32 +298,32 @@ class Attention(nn.Module):
             kernel = self.param(
                 f"{name}_kernel", partitioned(init, ("embed", axis, "kv")), (d_model, heads, self.head_dim)
             )
-            y = jnp.einsum(f"bsd,dnh->{layout}", inputs.astype(self.dtype), kernel.astype(self.dtype))
+            # [B, S, N, H] is a plain [B·S, D] x [D, N·H] matmul; heads-major outputs make XLA pick
+            # strided dot layouts that run about 2x slower on CPU.
+            y = jnp.einsum("bsd,dnh->bsnh", inputs.astype(self.dtype), kernel.astype(self.dtype))
             if self.use_bias:
                 bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (axis, "kv")), (heads, self.head_dim))
-                y = y + (bias[:, None] if heads_major else bias).astype(self.dtype)
-            names = ["act_batch", "act_seq", "act_" + axis, "act_kv"]
-            if heads_major:
-                names[1], names[2] = names[2], names[1]
-            return constrain(y, names)
+                y = y + bias.astype(self.dtype)
+            return constrain(y, ("act_batch", "act_seq", "act_" + axis, "act_kv"))
 
         q, k, v = proj("query", x), proj("key", context), proj("value", context)
         if self.rope_base:
-            q = rotary(q, jnp.arange(q.shape[seq_axis]), self.rope_base, seq_axis)
-            k = rotary(k, jnp.arange(k.shape[seq_axis]), self.rope_base, seq_axis)
-        if heads_major:
-            y = einsum_attention(q, k, v, mask, self.causal, self.scale)
-            y = constrain(y, ("act_batch", "act_heads", "act_seq", "act_kv"))
+            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base)
+            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base)
+        if impl == "einsum":
+            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, S, N, H] <-> [B, N, S, H]
+            y = heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
+                                             self.scale))
         else:
             y = jax.nn.dot_product_attention(
                 q, k, v, mask=mask, is_causal=self.causal, scale=self.scale, implementation=impl
-            )  # [B, T, N, H]
-            y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))
+            )
+        y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))  # [B, T, N, H]
         out = self.param(
             "out_kernel", partitioned(dense_init(self.out_init_scale), ("heads", "kv", "embed")),
             (self.num_heads, self.head_dim, d_model),
         )
-        y = jnp.einsum("bnth,nhd->btd" if heads_major else "btnh,nhd->btd", y, out.astype(self.dtype))
+        y = jnp.einsum("btnh,nhd->btd", y, out.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,)).astype(self.dtype)
         return nn.Dropout(self.dropout, deterministic=not train)(y)

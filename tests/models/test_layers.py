@@ -9,18 +9,47 @@ from bigmodel.models import layers
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query
-@pytest.mark.parametrize("causal, padded", [(True, False), (False, True)])
-def test_einsum_attention_equals_dot_product_attention(kv_heads, causal, padded):
+@pytest.mark.parametrize("causal, padded", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("block", [128, 5])  # one block, or causal blocks of 5, 5 and 2 query rows
+def test_einsum_attention_equals_dot_product_attention(kv_heads, causal, padded, block):
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 4, 12, 8))  # [B, N, T, H]
     k, v = jax.random.normal(kk, (2, kv_heads, 12, 8)), jax.random.normal(kv, (2, kv_heads, 12, 8))
     mask = None
     if padded:  # the last 3 keys of row 1 are padding
         mask = (jnp.arange(12)[None, :] < jnp.array([[12], [9]]))[:, None, None, :]
-    got = layers.einsum_attention(q, k, v, mask, causal, scale=0.3)
+    got = layers.einsum_attention(q, k, v, mask, causal, scale=0.3, block=block)
     t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
     want = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, is_causal=causal, scale=0.3,
                                         implementation="xla")
+    np.testing.assert_allclose(got, t(want), rtol=1e-5, atol=1e-6)
+    if block == 128:
+        return
+    # Gradients too: the blocks' key prefixes overlap, so dK and dV sum over blocks.
+    loss = lambda f: lambda q, k, v: (f(q, k, v) * jnp.cos(q)).sum()  # noqa: E731
+    ours = jax.jit(jax.grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask, causal, 0.3, block)),
+                            (0, 1, 2)))
+    ref = jax.jit(jax.grad(loss(lambda q, k, v: t(jax.nn.dot_product_attention(
+        t(q), t(k), t(v), mask=mask, is_causal=causal, scale=0.3, implementation="xla"))), (0, 1, 2)))
+    for a, b in zip(ours(q, k, v), ref(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_blocks_skip_the_upper_triangle():
+    # 12 queries in blocks of 5 see 5, 10 and 12 keys; with 3 cached keys ahead (S = 15), 8, 13, 15.
+    assert layers._query_blocks(12, 12, True, 5) == [(0, 5, 5), (5, 10, 10), (10, 12, 12)]
+    assert layers._query_blocks(12, 15, True, 5) == [(0, 5, 8), (5, 10, 13), (10, 12, 15)]
+    assert layers._query_blocks(12, 12, False, 5) == [(0, 12, 12)]
+
+
+def test_causal_attention_with_more_keys_than_queries():
+    # The last of 7 queries is the last of 10 keys' position: query i sees keys j <= i + 3.
+    q = jax.random.normal(jax.random.key(3), (1, 2, 7, 4))
+    k, v = jax.random.normal(jax.random.key(4), (2, 1, 2, 10, 4))
+    got = layers.einsum_attention(q, k, v, None, True, None, block=3)
+    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    below = jnp.arange(10)[None, :] <= jnp.arange(7)[:, None] + 3
+    want = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=below, implementation="xla")
     np.testing.assert_allclose(got, t(want), rtol=1e-5, atol=1e-6)
 
 
