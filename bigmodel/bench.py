@@ -140,6 +140,20 @@ def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any
             "seconds": seconds}
 
 
+def _torch_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of PyTorch's float32 n x n matmul, best of `repeats` (its BLAS, for reference)."""
+    import torch
+
+    a = torch.ones(n, n)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
 def prepare_torch_gpt(config: ml_collections.ConfigDict) -> tuple[Callable[[], None], Callable[[float], dict]]:
     """A plain PyTorch eager GPT with the same shapes, AdamW and FLOP count: (run one step, report)."""
     import torch
@@ -170,7 +184,8 @@ def prepare_torch_gpt(config: ml_collections.ConfigDict) -> tuple[Callable[[], N
     def report(step_s: float) -> dict[str, Any]:
         return {"name": "train/torch-eager-gpt", "device_kind": "cpu", "threads": torch.get_num_threads(),
                 "torch_version": torch.__version__, "tokens_per_s": batch * seq / step_s, "step_s": step_s,
-                "flops_per_token": per_token, "achieved_flops": per_token * batch * seq / step_s, "params": params}
+                "flops_per_token": per_token, "achieved_flops": per_token * batch * seq / step_s, "params": params,
+                "torch_matmul_peak_flops": _torch_matmul_peak()}
 
     return run_step, report
 

@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bigmodel` console script."""
-    from bigmodel import hostmem
+    from bigmodel import runtime
 
-    hostmem.tune_malloc()  # before JAX starts its threads
+    runtime.configure()  # malloc and XLA:CPU settings, before JAX starts
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = _split_overrides(argv)

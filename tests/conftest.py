@@ -10,9 +10,9 @@ import sysconfig  # noqa: E402
 
 import pytest  # noqa: E402
 
-from bigmodel import hostmem  # noqa: E402
+from bigmodel import runtime  # noqa: E402
 
-hostmem.tune_malloc()  # as the `bigmodel` command does, before JAX starts its threads
+runtime.configure()  # as the `bigmodel` command does, before JAX starts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GPT_TINY = str(REPO / "experiments" / "gpt_tiny.py")

@@ -1,4 +1,4 @@
-"""Host malloc settings: XLA's per-call buffers come back from the heap, without page faults."""
+"""Process settings: XLA's per-call buffers come back from the heap; XLA:CPU flags."""
 
 import os
 import subprocess
@@ -6,10 +6,12 @@ import sys
 
 import pytest
 
+from bigmodel import runtime
+
 PROBE = r"""
 import resource, sys
-from bigmodel import hostmem
-applied = hostmem.tune_malloc()
+from bigmodel import runtime
+applied = runtime.tune_malloc()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0 + 1.0)
 x = jnp.ones((4096, 4096))  # 64 MiB in and out, above glibc's largest mmap threshold
@@ -43,3 +45,14 @@ def test_tuned_malloc_reuses_memory_across_calls():
     # Tuned, the heap hands freed memory back; it may still grow for the first few calls
     # (aligned requests that a just-freed block of the same size cannot hold), then stops.
     assert tuned <= 5 * 16384, tuned
+
+
+def test_xla_cpu_flags_are_added_once_and_yield_to_the_user(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    runtime.set_xla_cpu_flags()
+    runtime.set_xla_cpu_flags()
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=2", f"{runtime.YNN_FLAG}={runtime.YNN_FUSIONS}"]
+    monkeypatch.setenv("XLA_FLAGS", f"{runtime.YNN_FLAG}=")  # the user's choice: no YNNPACK at all
+    runtime.set_xla_cpu_flags()
+    assert os.environ["XLA_FLAGS"] == f"{runtime.YNN_FLAG}="

@@ -1,14 +1,20 @@
-"""Host memory: let glibc's malloc keep and reuse what the CPU backend frees.
+"""Process-wide settings for the CPU backend, made before JAX starts (`configure`).
 
-XLA:CPU allocates an executable's buffers afresh at every call. glibc serves blocks of more
+1. Host memory: glibc's malloc keeps and reuses what XLA:CPU frees. XLA:CPU allocates an executable's buffers afresh at every call. glibc serves blocks of more
 than a few MiB with mmap and returns them to the kernel on free, so every train step
 page-faults and zero-fills all of its activations again: about 180,000 page faults per step
 for a GPT with d_model 256, 4 layers and 4,096 tokens per batch, a fifth of the step time on
 a 2-core CPU. One malloc arena, no mmap and no trimming make the same memory come back
 from the heap each step (0 faults); the process keeps its peak resident size instead.
-
-`tune_malloc` must run before JAX starts its threads; the `bigmodel` command calls it first.
 Set BIGMODEL_MALLOC=system to keep glibc's defaults.
+
+2. XLA:CPU's matmul library: YNNPACK only for dots with fused elementwise work and for
+reductions, Eigen for plain dots (`--xla_cpu_experimental_ynn_fusion_type`), 5-7% faster
+GPT train steps on a 2-core AVX-512 CPU than JAX's default. A user's own setting of that
+flag in XLA_FLAGS wins.
+
+The `bigmodel` command calls `configure` first; a script or notebook that uses bigmodel's
+trainer directly calls it before its first JAX computation.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_FUSIONS = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
+def configure() -> None:
+    """Apply both settings; call before the first JAX computation of the process."""
+    tune_malloc()
+    set_xla_cpu_flags()
+
+
+def set_xla_cpu_flags() -> None:
+    """Add bigmodel's XLA:CPU defaults to XLA_FLAGS unless the user set them there."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if YNN_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}={YNN_FUSIONS}".strip()
 
 
 def tune_malloc() -> bool:
