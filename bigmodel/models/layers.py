@@ -218,9 +218,9 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     query heads sharing a key/value head stack along the rows (grouped-query attention), so
     every product is a plain batched matmul without transposes. Causal attention runs in
     blocks of `block` query rows, each against only the keys it can see: the upper triangle
-    of the logits is never computed, about 40% fewer attention FLOPs and softmax work at
-    T = 4·block. Logits and softmax in float32. On CPU this is 1.4-2x faster than
-    `jax.nn.dot_product_attention`'s XLA path.
+    of the logits is never computed (25% fewer attention FLOPs and softmax work at
+    T = 2·block, 37.5% at 4·block). Logits and softmax in float32. The CPU default; see
+    benchmarks/cpu.md for what each part of this saves.
     """
     b, n, t, h = q.shape
     kv, s = k.shape[1], k.shape[2]
