@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigmodel import runtime
+
 # Dense peak FLOP/s per chip for bf16 matrix math (vendor figures), matched against
 # jax.Device.device_kind by substring, most specific first.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -73,7 +75,7 @@ def gpt_flops_per_token(cfg: Any, params_nonembed: int, seq_len: int) -> float:
 
 
 # XLA:CPU's matmul libraries: the process's default choice, and YNNPACK for every dot.
-PEAK_MATMUL_OPTIONS = ({}, {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
+PEAK_MATMUL_OPTIONS = ({}, {runtime.YNN_FLAG.lstrip("-"): "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
 
 
 @functools.lru_cache(maxsize=1)
