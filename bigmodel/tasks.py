@@ -25,11 +25,22 @@ import optax
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
+def is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """`argmax(logits, -1) == labels` (same tie-break: the first maximum), without the argmax.
+
+    XLA:CPU runs argmax as a variadic (value, index) reduction; one compare-and-any pass
+    over the logits costs a fifth of that (0.6 vs 2.6 ms for [16, 256, 384]).
+    """
+    at_label = jnp.take_along_axis(logits, labels[..., None], -1)
+    before = jnp.arange(logits.shape[-1]) < labels[..., None]
+    return ~jnp.where(before, logits >= at_label, logits > at_label).any(-1)
+
+
 def token_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, Metrics]:
     """Mean cross-entropy over weighted tokens, with summed loss and accuracy."""
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
     count = weights.sum()
-    correct = (jnp.argmax(logits, -1) == targets) * weights
+    correct = is_argmax(logits, targets) * weights
     metrics = {"loss": (nll.sum(), count), "accuracy": (correct.sum(), count)}
     return nll.sum() / jnp.maximum(count, 1.0), metrics
 
@@ -96,11 +107,11 @@ class Classification(Task):
             # Optional [B] weights: 0 marks the padding of a last evaluation batch.
             weights = batch["weights"].astype(jnp.float32)
             count = weights.sum()
-            correct = ((jnp.argmax(logits, -1) == labels) * weights).sum()
+            correct = (is_argmax(logits, labels) * weights).sum()
             loss_sum = (nll * weights).sum()
             return loss_sum / jnp.maximum(count, 1.0), {"loss": (loss_sum, count), "accuracy": (correct, count)}
         count = jnp.asarray(labels.shape[0], jnp.float32)
-        correct = (jnp.argmax(logits, -1) == labels).sum()
+        correct = is_argmax(logits, labels).sum()
         return nll.mean(), {"loss": (nll.sum(), count), "accuracy": (correct.astype(jnp.float32), count)}
 
 

@@ -224,7 +224,7 @@ class GPT(nn.Module):
             pos = self.param(
                 "wpe", layers.partitioned(layers.dense_init(0.5), ("pos", "embed")), (cfg.max_len, cfg.d_model)
             )
-            x = x + pos[:length].astype(dtype)[None]
+            x = layers.add_leading(x, pos[:length].astype(dtype))
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
 

@@ -90,6 +90,62 @@ class RMSNorm(nn.Module):
         )(x)
 
 
+def token_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., D] @ kernel [D, F] -> [..., F], as one 2-D matmul over all leading positions.
+
+    XLA:CPU differentiates a dot_general with several free dimensions (x [B, T, D]) into
+    products it runs as batched matmuls with transposed copies around them; the same product
+    on [B·T, D] keeps every forward and backward matmul plain: an MLP block's forward and
+    backward take 0.77x the time at B=16, T=256, D=256 (benchmarks/cpu.md). The reshapes are
+    free (no data moves) and keep the batch and sequence sharding of x on the merged axis.
+    """
+    lead = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])
+
+
+@jax.custom_vjp
+def add_leading(x: jax.Array, b: jax.Array) -> jax.Array:
+    """x [..., *b.shape] + b, with b's gradient summed over the leading axes by a matvec.
+
+    XLA:CPU's reduction of a [B, T, D] cotangent over B alone is slow (4.4 ms at 16x256x256
+    against 0.25 ms for ones[B] @ [B, T·D]); a learned position table added to every
+    sequence of a batch takes that gradient at every step.
+    """
+    return x + b
+
+
+def _add_leading_fwd(x: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return x + b, b
+
+
+def _add_leading_bwd(b: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    rows = dy.size // b.size
+    db = jnp.ones((rows,), dy.dtype) @ dy.reshape(rows, b.size)
+    return dy, db.reshape(b.shape).astype(b.dtype)
+
+
+add_leading.defvjp(_add_leading_fwd, _add_leading_bwd)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` over the last axis (same parameters) computed by `token_matmul`."""
+
+    features: int  # F
+    use_bias: bool = True
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., F]."""
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        y = token_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
 NORMS = ("layernorm", "rmsnorm")
 
 
@@ -154,7 +210,7 @@ class Mlp(nn.Module):
         d_model = x.shape[-1]
 
         def project(name: str) -> jax.Array:
-            h = nn.Dense(
+            h = Dense(
                 self.d_ff,
                 use_bias=self.use_bias,
                 dtype=self.dtype,
@@ -168,7 +224,7 @@ class Mlp(nn.Module):
             h = GATED[self.activation](project("fc_gate")) * project("fc_in")
         else:
             h = ACTIVATIONS[self.activation](project("fc_in"))
-        h = nn.Dense(
+        h = Dense(
             d_model,
             use_bias=self.use_bias,
             dtype=self.dtype,
@@ -200,7 +256,8 @@ def _softmax_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]
     return y, y * (t - (y * t).sum(-1, keepdims=True))
 
 
-CAUSAL_BLOCK = 128  # query rows per block of the causal einsum attention
+CAUSAL_BLOCKS = 4  # query blocks of the causal einsum attention ...
+MIN_CAUSAL_BLOCK = 64  # ... of at least this many rows
 
 
 def _query_blocks(t: int, s: int, causal: bool, block: int) -> list[tuple[int, int, int]]:
@@ -211,13 +268,14 @@ def _query_blocks(t: int, s: int, causal: bool, block: int) -> list[tuple[int, i
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool,
-                     scale: float | None, block: int = CAUSAL_BLOCK) -> jax.Array:
+                     scale: float | None, block: int | None = None) -> jax.Array:
     """Attention in the heads-major layout: q [B, N, T, H], k and v [B, K, S, H] -> [B, N, T, H].
 
     Batch and key/value heads merge into one leading matmul batch dimension (Z = B·K), the
     query heads sharing a key/value head stack along the rows (grouped-query attention), so
     every product is a plain batched matmul without transposes. Causal attention runs in
-    blocks of `block` query rows, each against only the keys it can see: the upper triangle
+    blocks of `block` query rows (default a quarter of T, at least 64), each against only
+    the keys it can see: the upper triangle
     of the logits is never computed (25% fewer attention FLOPs and softmax work at
     T = 2·block, 37.5% at 4·block). Logits and softmax in float32. The CPU default; see
     benchmarks/cpu.md for what each part of this saves.
@@ -225,6 +283,9 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     b, n, t, h = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = n // kv
+    # Four blocks measured fastest on a 2-core CPU: 64 rows at T = 256 (32.4 ms fwd+bwd for
+    # B·N = 64 against 36.1 with 128 and 40.0 with 32), 128 rows at T = 512.
+    block = block or max(MIN_CAUSAL_BLOCK, -(-t // CAUSAL_BLOCKS))
     q = q.reshape(b * kv, g, t, h)
     k, v = k.reshape(b * kv, s, h), v.reshape(b * kv, s, h)
     if mask is not None:
@@ -282,6 +343,7 @@ class Attention(nn.Module):
     ) -> jax.Array:
         """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S]."""
         d_model = x.shape[-1]
+        self_attention = context is None
         context = x if context is None else context
         kv_heads = self.num_kv_heads or self.num_heads
         if self.num_heads % kv_heads:
@@ -292,21 +354,37 @@ class Attention(nn.Module):
         if impl is not None and impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTENTION_IMPLS} or ''")
 
-        def proj(name: str, inputs: jax.Array) -> jax.Array:
+        def weights(name: str) -> tuple[jax.Array, jax.Array | None, str]:
             heads, axis = (self.num_heads, "heads") if name == "query" else (kv_heads, kv_name)
             init = nn.initializers.zeros if name == "query" and self.zero_query else dense_init(self.init_scale)
             kernel = self.param(
                 f"{name}_kernel", partitioned(init, ("embed", axis, "kv")), (d_model, heads, self.head_dim)
-            )
-            # [B, S, N, H] is a plain [B·S, D] x [D, N·H] matmul; heads-major outputs make XLA pick
-            # strided dot layouts that run about 2x slower on CPU.
-            y = jnp.einsum("bsd,dnh->bsnh", inputs.astype(self.dtype), kernel.astype(self.dtype))
+            ).astype(self.dtype)
+            bias = None
             if self.use_bias:
-                bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (axis, "kv")), (heads, self.head_dim))
-                y = y + bias.astype(self.dtype)
-            return constrain(y, ("act_batch", "act_seq", "act_" + axis, "act_kv"))
+                bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (axis, "kv")),
+                                  (heads, self.head_dim)).astype(self.dtype)
+            return kernel, bias, axis
 
-        q, k, v = proj("query", x), proj("key", context), proj("value", context)
+        def project(inputs: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+            # [B·S, D] x [D, ...] as one plain matmul (`token_matmul`); heads-major outputs make XLA
+            # pick strided dot layouts that run about 2x slower on CPU.
+            y = token_matmul(inputs.astype(self.dtype), kernel.reshape(d_model, -1))
+            y = y.reshape(*inputs.shape[:-1], *kernel.shape[1:])
+            return y if bias is None else y + bias
+
+        names = ("query", "key", "value")
+        (wq, bq, _), (wk, bk, axis), (wv, bv, _) = (weights(name) for name in names)
+        if self_attention and kv_heads == self.num_heads:
+            # One [D, N·3·H] matmul for the three projections (heads outermost, so a 'heads'
+            # sharding of the kernels carries over to the stacked one).
+            stacked_bias = None if bq is None else jnp.stack([bq, bk, bv], axis=1)
+            qkv = project(x, jnp.stack([wq, wk, wv], axis=2), stacked_bias)  # [B, T, N, 3, H]
+            q, k, v = (qkv[..., i, :] for i in range(3))
+        else:
+            q, k, v = project(x, wq, bq), project(context, wk, bk), project(context, wv, bv)
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        k, v = (constrain(a, ("act_batch", "act_seq", "act_" + axis, "act_kv")) for a in (k, v))
         if self.rope_base:
             q = rotary(q, jnp.arange(q.shape[1]), self.rope_base)
             k = rotary(k, jnp.arange(k.shape[1]), self.rope_base)
@@ -323,7 +401,7 @@ class Attention(nn.Module):
             "out_kernel", partitioned(dense_init(self.out_init_scale), ("heads", "kv", "embed")),
             (self.num_heads, self.head_dim, d_model),
         )
-        y = jnp.einsum("btnh,nhd->btd", y, out.astype(self.dtype))
+        y = token_matmul(y.reshape(*y.shape[:-2], -1), out.reshape(-1, d_model).astype(self.dtype))
         if self.use_bias:
             y = y + self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,)).astype(self.dtype)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -348,4 +426,4 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> logits [B, T, V] with the transposed table."""
-        return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))
+        return token_matmul(x, self.embedding.T.astype(self.dtype))
