@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import collections
+import copy
 import json
 import os
 import pathlib
@@ -223,6 +225,40 @@ def _scalars(mets: dict) -> dict[str, float]:
 def write_json(path: pathlib.Path, obj: Any) -> None:
     """Atomically write pretty JSON."""
     metrics.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class DevicePrefetch:
+    """Training batches put on the devices one step ahead of the step that uses them.
+
+    `next()` hands out batch s while batch s+1 is already on its devices: the host reads and
+    transfers it while step s-1 still runs, since jitted steps are dispatched asynchronously.
+    `get_state()` is the wrapped iterator's state after the batches handed out so far, not
+    after the one read ahead, so a checkpoint resumes at the first batch no step has used.
+    """
+
+    def __init__(self, it: Any, put: Callable[[Any], Any], ahead: int = 1):
+        self._it, self._put, self._ahead = it, put, ahead
+        self._queue: collections.deque = collections.deque()  # (device batch, iterator state after it)
+        self._state = copy.deepcopy(it.get_state())
+
+    def __iter__(self) -> "DevicePrefetch":
+        return self
+
+    def __next__(self) -> Any:
+        while len(self._queue) <= self._ahead:
+            try:
+                host = next(self._it)
+            except StopIteration:
+                break
+            self._queue.append((self._put(host), copy.deepcopy(self._it.get_state())))
+        if not self._queue:
+            raise StopIteration
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def get_state(self) -> Any:
+        """The wrapped iterator's state after the last batch handed out."""
+        return self._state
 
 
 def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int], hybrid: bool = False):
@@ -445,7 +481,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     peak, peak_source = flops.peak_flops()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compile_start = time.time()
-        first = sharding.global_batch(next(train_iter), mesh)
+        batches = DevicePrefetch(train_iter, lambda local: sharding.global_batch(local, mesh))
+        first = next(batches)
         train_step = jax.jit(
             make_train_step(module, task, tx, schedule, config.train.grad_accum, skip_nonfinite),
             in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl), donate_argnums=0,
@@ -494,11 +531,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                 print(f"warning: {e}; training continues and the next save retries", file=sys.stderr, flush=True)
 
         def save(at: int) -> None:
-            checkpoint_guard(lambda: ckpt.save(at, state, train_iter, config.to_dict()))
+            checkpoint_guard(lambda: ckpt.save(at, state, batches, config.to_dict()))
 
         with PreemptionWatch() as watch:
             while step < config.train.steps:
-                batch = pending if pending is not None else sharding.global_batch(next(train_iter), mesh)
+                batch = pending if pending is not None else next(batches)
                 pending = None
                 state, mets = train_step(state, batch, jax.random.fold_in(root, 1))
                 step += 1
