@@ -42,6 +42,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "124m": dict(num_layers=12, d_model=768, num_heads=12),
     "350m": dict(num_layers=24, d_model=1024, num_heads=16),
     "774m": dict(num_layers=36, d_model=1280, num_heads=20),
+    "1.3b": dict(num_layers=24, d_model=2048, num_heads=16),  # GPT-3 XL's shape (head dim 128)
     "1.5b": dict(num_layers=48, d_model=1600, num_heads=25),
     # Llama-style; the small ones keep the byte vocabulary and have SwiGLU's F ≈ 8/3·D.
     "llama_nano": dict(LLAMA, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=176, vocab_size=384,
@@ -78,7 +79,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         dtype="float32",
         remat="none",
         scan_layers=False,  # set below from the depth: on from SCAN_FROM_LAYERS layers
-        attention_impl="",  # '': 'einsum' on CPU, JAX's choice elsewhere; or 'einsum', 'xla', 'cudnn'
+        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'xla', 'cudnn'
         mup=False,  # maximal-update parameterisation (needs tie_embeddings=False)
         mup_base_width=128,  # d_model at which muP and the standard parameterisation coincide
         position="learned",  # 'learned' | 'rope' | 'none'

@@ -14,6 +14,7 @@ rule, so a model cannot silently replicate a tensor by a typo.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -236,6 +237,23 @@ class Mlp(nn.Module):
 
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+# What cuDNN's fused attention refuses at trace time (shapes, head size, dtype, version, no GPU).
+CUDNN_REFUSALS = (RuntimeError, ValueError, NotImplementedError, TypeError)
+
+
+def default_attention_impl(dtype: Any) -> str:
+    """The attention implementation a model gets when its config leaves the choice open.
+
+    'einsum' on CPU (`einsum_attention`); on GPU 'cudnn' for bfloat16/float16 compute (the
+    fused flash-attention kernel; `Attention` falls back to 'xla' where cuDNN refuses the
+    shapes); 'xla' otherwise (jax.nn.dot_product_attention's own default is XLA everywhere).
+    """
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "einsum"
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
 
 
 @jax.custom_jvp
@@ -314,9 +332,10 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
 class Attention(nn.Module):
     """Multi-head attention (self or cross).
 
-    `implementation` None picks 'einsum' (`einsum_attention`, heads-major) on CPU and JAX's
-    choice of `jax.nn.dot_product_attention` elsewhere (cuDNN's fused kernel where it can);
-    'xla' or 'cudnn' force that function's implementation.
+    `implementation` None picks `default_attention_impl`: 'einsum' (`einsum_attention`,
+    heads-major) on CPU, cuDNN's fused kernel of `jax.nn.dot_product_attention` for half
+    precision on GPU where cuDNN takes the shapes, that function's XLA path otherwise;
+    'einsum', 'xla' or 'cudnn' force one (a forced 'cudnn' raises where cuDNN cannot run).
     """
 
     num_heads: int  # N
@@ -326,7 +345,7 @@ class Attention(nn.Module):
     out_init_scale: float = 1.0
     dtype: Any = jnp.float32
     use_bias: bool = True
-    implementation: str | None = None  # None: 'einsum' on CPU, else JAX's pick; or one of ATTENTION_IMPLS
+    implementation: str | None = None  # None: default_attention_impl(dtype); or one of ATTENTION_IMPLS
     scale: float | None = None  # logit scale; None = 1/sqrt(H), muP uses 1/H
     init_scale: float = 1.0  # of the query/key/value initialisation (muP shrinks it with width)
     zero_query: bool = False  # muP starts with a zero query projection
@@ -350,8 +369,8 @@ class Attention(nn.Module):
             raise ValueError(f"{self.num_heads} query heads cannot be grouped over {kv_heads} key/value heads")
         # Fewer key/value heads get their own logical name, so the rules can shard them apart.
         kv_name = "heads" if kv_heads == self.num_heads else "kv_heads"
-        impl = self.implementation or ("einsum" if jax.default_backend() == "cpu" else None)
-        if impl is not None and impl not in ATTENTION_IMPLS:
+        impl = self.implementation or default_attention_impl(self.dtype)
+        if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTENTION_IMPLS} or ''")
 
         def weights(name: str) -> tuple[jax.Array, jax.Array | None, str]:
@@ -393,9 +412,14 @@ class Attention(nn.Module):
             y = heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
                                              self.scale))
         else:
-            y = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=self.causal, scale=self.scale, implementation=impl
-            )
+            attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=self.causal,
+                                       scale=self.scale)
+            try:
+                y = attend(implementation=impl)
+            except CUDNN_REFUSALS:
+                if self.implementation:  # asked for by name: say why it cannot run
+                    raise
+                y = attend(implementation="xla")
         y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))  # [B, T, N, H]
         out = self.param(
             "out_kernel", partitioned(dense_init(self.out_init_scale), ("heads", "kv", "embed")),

@@ -66,6 +66,29 @@ def test_attention_module_gives_the_same_result_in_both_layouts(rope):
         module("flash").apply(params, x)
 
 
+@pytest.mark.parametrize("backend, dtype, want", [
+    ("cpu", jnp.float32, "einsum"), ("cpu", jnp.bfloat16, "einsum"), ("gpu", jnp.bfloat16, "cudnn"),
+    ("gpu", jnp.float16, "cudnn"), ("gpu", jnp.float32, "xla"), ("tpu", jnp.bfloat16, "xla"),
+])
+def test_default_attention_impl_by_backend_and_dtype(monkeypatch, backend, dtype, want):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert layers.default_attention_impl(dtype) == want
+
+
+def test_automatic_cudnn_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+    # On this host cuDNN cannot run, as on a GPU whose cuDNN refuses the shapes: the automatic
+    # choice falls back to the XLA path; cuDNN asked for by name raises.
+    x = jax.random.normal(jax.random.key(1), (2, 10, 32)).astype(jnp.bfloat16)
+    module = lambda impl: layers.Attention(4, 8, causal=True, implementation=impl,  # noqa: E731
+                                           dtype=jnp.bfloat16)
+    params = module("xla").init(jax.random.key(2), x)
+    want = module("xla").apply(params, x)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    np.testing.assert_array_equal(module(None).apply(params, x), want)
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        module("cudnn").apply(params, x)
+
+
 def test_dense_equals_flax_dense_in_values_and_gradients():
     x = jax.random.normal(jax.random.key(5), (3, 7, 16))
     ours, theirs = layers.Dense(24, kernel_init=layers.dense_init()), nn.Dense(24)
