@@ -1,6 +1,8 @@
 """Benchmarks that print figures (one JSON object per benchmark on stdout).
 
-  bigmodel bench train   --config … [--steps N]   the jitted train step alone
+  bigmodel bench train   --config … [--steps N] [--profile DIR]
+                                                  the jitted train step alone (and where
+                                                  its time goes, per part of the model)
   bigmodel bench data    --config … [--batches N] the input pipeline alone
   bigmodel bench compare --config … [--steps N]   bigmodel vs a PyTorch eager GPT of the
                                                   same shapes in one process, their steps
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import resource
 import statistics
 import sys
@@ -87,6 +91,8 @@ def prepare_train(config: ml_collections.ConfigDict) -> tuple[Callable[[], None]
         jax.block_until_ready(mets["loss"])
         holder["i"] += 1
 
+    run_step.hlo_text = step_fn.as_text()  # for `profile`: op names -> model parts
+
     params = flops.param_count(abstract.params)
     units = config.train.batch_size * data.units_per_example
     if config.model.name == "gpt":
@@ -117,10 +123,76 @@ def prepare_train(config: ml_collections.ConfigDict) -> tuple[Callable[[], None]
     return run_step, report
 
 
-def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
-    """Time the compiled train step on real batches (data loading excluded)."""
+def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2,
+                profile_dir: str = "") -> dict[str, Any]:
+    """Time the compiled train step on real batches (data loading excluded); optionally profile it."""
     run_step, report = prepare_train(config)
-    return report(_median_times({"train": run_step}, steps, warmup)["train"])
+    result = report(_median_times({"train": run_step}, steps, warmup)["train"])
+    if profile_dir:
+        result["profile"] = profile(run_step, steps, profile_dir, run_step.hlo_text)
+    return result
+
+
+# XLA:CPU records its per-operation times in a profile only with this flag (GPUs always do).
+CPU_TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+_SEGMENT = re.compile(r"^[A-Za-z_][\w.]*$")
+_MODEL = re.compile(r"^(transpose\()?jvp\([A-Z]\w*\)\)?$")  # the model's forward or its transpose
+
+
+def part_of(op_name: str) -> str:
+    """Which pass and which part of the model an HLO op_name belongs to.
+
+    'jit(step)/transpose(jvp(GPT))/block_3/mlp/fc_in/dot_general' -> 'backward block_*/mlp/fc_in',
+    '.../block_0/attn/zgts,zsh->zgth/transpose' -> 'backward block_*/attn/zgts,zsh->zgth';
+    ops outside the model (loss, optimizer update) -> 'outside the model'.
+    """
+    segments = op_name.split(";")[0].split("/")[1:]  # drop 'jit(step)'
+    if len(segments) < 2 or not _MODEL.match(segments[0]):  # not under jvp(<Module>)
+        return "outside the model"
+    direction = "backward" if segments[0].startswith("transpose(") else "forward"
+    modules = []
+    for seg in segments[1:-1]:
+        if "->" in seg:  # an einsum inside a module: its spec names the product
+            modules.append(seg)
+            continue
+        if not _SEGMENT.match(seg):
+            break
+        modules.append(re.sub(r"_\d+$", "_*", seg))
+    return f"{direction} {'/'.join(modules[:3])}" if modules else f"{direction} (model, top level)"
+
+
+def profile(run_step: Callable[[], None], steps: int, directory: str, hlo_text: str) -> dict[str, Any]:
+    """Trace `steps` steps into `directory` (TensorBoard's profile plugin or Perfetto reads it) and
+    sum the device operations' times per part of the model.
+
+    On a multi-core CPU operations overlap, so the sum can exceed the step time.
+    """
+    import gzip
+    import pathlib
+
+    import jax
+
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(steps):
+            run_step()
+    traces = sorted(pathlib.Path(directory).glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"] if traces else []
+    where = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.MULTILINE))
+    ops: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in where:
+            ops[e["name"]] = ops.get(e["name"], 0.0) + e.get("dur", 0) / 1e3 / steps
+    parts: dict[str, float] = {}
+    for name, ms in ops.items():
+        parts[part_of(where[name])] = parts.get(part_of(where[name]), 0.0) + ms
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:20]
+    return {
+        "dir": directory,
+        "trace": str(traces[-1]) if traces else "",
+        "ops_ms_per_step": sum(ops.values()),
+        "by_part_ms_per_step": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        "top_ops": [{"op": n, "ms_per_step": ms, "part": part_of(where[n]), "op_name": where[n]} for n, ms in top],
+    }
 
 
 def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any]:
@@ -196,12 +268,18 @@ def _emit(result: dict[str, Any]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one benchmark kind and print JSON lines."""
+    if args.profile:
+        if args.kind != "train":
+            raise config_lib.ConfigError(f"--profile applies to 'bench train', not 'bench {args.kind}'")
+        flags = os.environ.get("XLA_FLAGS", "")
+        if CPU_TRACE_FLAG.split("=")[0] not in flags:  # read when JAX starts its CPU backend
+            os.environ["XLA_FLAGS"] = f"{flags} {CPU_TRACE_FLAG}".strip()
     config = config_lib.load(args.config, args.overrides)
     if args.kind == "data":
         _emit(bench_data(config, args.batches))
         return 0
     if args.kind == "train":
-        _emit(bench_train(config, args.steps))
+        _emit(bench_train(config, args.steps, profile_dir=args.profile))
         return 0
     if config.model.name != "gpt":
         print("bigmodel: bench compare needs a GPT config", file=sys.stderr)
@@ -225,4 +303,6 @@ def register(sub: Any) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (median reported)")
     p.add_argument("--batches", type=int, default=200, help="batches for 'data'")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="'train': also trace --steps steps into DIR and add where the time goes to the JSON")
     p.set_defaults(func=cmd_bench, takes_overrides=True)

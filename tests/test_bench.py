@@ -1,12 +1,16 @@
 """Benchmarks print figures; here we only check they are complete and consistent."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
-
-from bigmodel import cli
-
 from conftest import GPT_TINY
+
+from bigmodel import bench as bench_lib
+from bigmodel import cli
 
 
 def bench(capsys, kind, overrides, *extra):
@@ -36,3 +40,45 @@ def test_bench_compare_uses_the_same_model(capsys, tiny_overrides):
     assert theirs["params"] == ours["params"]  # identical shapes
     assert theirs["flops_per_token"] == pytest.approx(ours["flops_per_token"])
     assert ratio["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+
+
+@pytest.mark.parametrize("op_name, part", [
+    ("jit(step)/transpose(jvp(GPT))/block_3/mlp/fc_in/dot_general", "backward block_*/mlp/fc_in"),
+    ("jit(step)/jvp(GPT)/block_12/attn/zgth,zsh->zgts/dot_general", "forward block_*/attn/zgth,zsh->zgts"),
+    ("jit(step)/transpose(jvp(GPT))/block_0/attn/jvp(GPT)/block_0/attn/reduce_sum", "backward block_*/attn"),
+    ("jit(step)/jvp(GPT)/ln_f/LayerNorm_0/mul", "forward ln_f/LayerNorm_*"),
+    ("jit(step)/transpose(jvp(GPT))/dot_general", "backward (model, top level)"),
+    ("jit(step)/mul", "outside the model"),
+    ("jit(step)/jit(clip)/min", "outside the model"),
+    ("jit(step)/jvp(jit(take_along_axis))/select_n", "outside the model"),  # the loss
+])
+def test_profile_parts_name_the_pass_and_the_module(op_name, part):
+    assert bench_lib.part_of(op_name) == part
+
+
+def test_bench_train_profile_says_where_the_time_goes(tmp_path, tiny_overrides):
+    # A child process: XLA:CPU records per-operation times only with a flag read when JAX starts.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run(
+        [sys.executable, "-m", "bigmodel.cli", "bench", "train", "--config", GPT_TINY + ":tiny", "--steps", "3",
+         "--profile", str(tmp_path / "prof"), *[f"--config.{o}" for o in tiny_overrides]],
+        env=env, capture_output=True, text=True, timeout=600, check=True).stdout
+    result = json.loads(out.splitlines()[-1])
+    prof = result["profile"]
+    assert pathlib.Path(prof["trace"]).is_file() and prof["trace"].startswith(str(tmp_path / "prof"))
+    parts = prof["by_part_ms_per_step"]
+    # Every pass of every block shows up; nano has 2 layers, the names collapse to block_*.
+    for part in ("forward block_*/mlp/fc_in", "backward block_*/mlp/fc_out", "forward block_*/attn",
+                 "backward block_*/attn", "outside the model"):
+        assert parts.get(part, 0) > 0, (part, parts)
+    assert sum(parts.values()) == pytest.approx(prof["ops_ms_per_step"])
+    # Per step the operations take time, at most the step on each of the host's cores.
+    assert 0 < prof["ops_ms_per_step"] < 1e3 * result["step_s"] * (os.cpu_count() or 1)
+    assert len(prof["top_ops"]) == min(20, len(prof["top_ops"])) > 0
+    assert all(op["part"] == bench_lib.part_of(op["op_name"]) for op in prof["top_ops"])
+
+
+def test_profile_is_for_bench_train_only(capsys, tiny_overrides):
+    assert cli.main(["bench", "data", "--config", GPT_TINY + ":tiny", "--profile", "x",
+                     *[f"--config.{o}" for o in tiny_overrides]]) == 2
+    assert "--profile applies to 'bench train', not 'bench data'" in capsys.readouterr().err
