@@ -186,6 +186,9 @@ def profile(run_step: Callable[[], None], steps: int, directory: str, hlo_text: 
     for name, ms in ops.items():
         parts[part_of(where[name])] = parts.get(part_of(where[name]), 0.0) + ms
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:20]
+    if not ops:
+        print(f"bigmodel: the trace in {directory} has no per-operation events; on a CPU JAX must start with "
+              f"{CPU_TRACE_FLAG} in XLA_FLAGS (`bigmodel bench train --profile` sets it)", file=sys.stderr)
     return {
         "dir": directory,
         "trace": str(traces[-1]) if traces else "",

@@ -82,3 +82,10 @@ def test_profile_is_for_bench_train_only(capsys, tiny_overrides):
     assert cli.main(["bench", "data", "--config", GPT_TINY + ":tiny", "--profile", "x",
                      *[f"--config.{o}" for o in tiny_overrides]]) == 2
     assert "--profile applies to 'bench train', not 'bench data'" in capsys.readouterr().err
+
+
+def test_profile_without_per_operation_events_says_what_is_missing(tmp_path, capsys):
+    # In this process JAX started without XLA:CPU's trace flag: the profile is empty and says why.
+    prof = bench_lib.profile(lambda: None, 1, str(tmp_path), "%dot.1 = f32[2] dot(), metadata={op_name=\"x\"}")
+    assert prof["ops_ms_per_step"] == 0 and prof["top_ops"] == []
+    assert "--xla_cpu_enable_xprof_traceme=true in XLA_FLAGS" in capsys.readouterr().err
