@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import resource
 import statistics
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from bigmodel import config as config_lib
+from bigmodel import config as config_lib, runtime
 
 # JAX and the trainer are imported inside the benchmarks so that registering the
 # `bench` command costs nothing for the other commands.
@@ -134,7 +133,7 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int = 2,
 
 
 # XLA:CPU records its per-operation times in a profile only with this flag (GPUs always do).
-CPU_TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+CPU_TRACE_FLAG = "--xla_cpu_enable_xprof_traceme"
 _SEGMENT = re.compile(r"^[A-Za-z_][\w.]*$")
 _MODEL = re.compile(r"^(transpose\()?jvp\([A-Z]\w*\)\)?$")  # the model's forward or its transpose
 
@@ -182,19 +181,20 @@ def profile(run_step: Callable[[], None], steps: int, directory: str, hlo_text: 
     for e in events:
         if e.get("ph") == "X" and e.get("name") in where:
             ops[e["name"]] = ops.get(e["name"], 0.0) + e.get("dur", 0) / 1e3 / steps
+    part = {name: part_of(where[name]) for name in ops}
     parts: dict[str, float] = {}
     for name, ms in ops.items():
-        parts[part_of(where[name])] = parts.get(part_of(where[name]), 0.0) + ms
+        parts[part[name]] = parts.get(part[name], 0.0) + ms
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:20]
     if not ops:
         print(f"bigmodel: the trace in {directory} has no per-operation events; on a CPU JAX must start with "
-              f"{CPU_TRACE_FLAG} in XLA_FLAGS (`bigmodel bench train --profile` sets it)", file=sys.stderr)
+              f"{CPU_TRACE_FLAG}=true in XLA_FLAGS (`bigmodel bench train --profile` sets it)", file=sys.stderr)
     return {
         "dir": directory,
         "trace": str(traces[-1]) if traces else "",
         "ops_ms_per_step": sum(ops.values()),
         "by_part_ms_per_step": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
-        "top_ops": [{"op": n, "ms_per_step": ms, "part": part_of(where[n]), "op_name": where[n]} for n, ms in top],
+        "top_ops": [{"op": n, "ms_per_step": ms, "part": part[n], "op_name": where[n]} for n, ms in top],
     }
 
 
@@ -274,9 +274,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.profile:
         if args.kind != "train":
             raise config_lib.ConfigError(f"--profile applies to 'bench train', not 'bench {args.kind}'")
-        flags = os.environ.get("XLA_FLAGS", "")
-        if CPU_TRACE_FLAG.split("=")[0] not in flags:  # read when JAX starts its CPU backend
-            os.environ["XLA_FLAGS"] = f"{flags} {CPU_TRACE_FLAG}".strip()
+        runtime.add_xla_flag(CPU_TRACE_FLAG, "true")
     config = config_lib.load(args.config, args.overrides)
     if args.kind == "data":
         _emit(bench_data(config, args.batches))

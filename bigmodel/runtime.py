@@ -41,9 +41,17 @@ def configure() -> None:
 
 def set_xla_cpu_flags() -> None:
     """Add bigmodel's XLA:CPU defaults to XLA_FLAGS unless the user set them there."""
+    add_xla_flag(YNN_FLAG, YNN_FUSIONS)
+
+
+def add_xla_flag(name: str, value: str) -> None:
+    """Append `name=value` to XLA_FLAGS unless that flag is there already (the user's setting wins).
+
+    XLA reads XLA_FLAGS when JAX starts a backend, so call this before the first computation.
+    """
     flags = os.environ.get("XLA_FLAGS", "")
-    if YNN_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}={YNN_FUSIONS}".strip()
+    if name not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {name}={value}".strip()
 
 
 def tune_malloc() -> bool:

@@ -39,7 +39,7 @@ SHAPES = {
 def get_config(arg: str = "124m") -> ml_collections.ConfigDict:
     """The gpt_tiny training groups around a GPU-sized GPT; arg 'SIZE' or 'SIZE,SEQ'."""
     size, _, seq = (arg or "124m").partition(",")
-    seq_len = int(seq or 1024)
+    seq_len = int(seq) if seq.isdigit() else 1024 if not seq else -1
     if (size, seq_len) not in SHAPES:
         sizes = ", ".join(sorted({f"':{s}'" for s, _ in SHAPES}))
         raise ValueError(f"unknown variant {arg!r} for gpt_gpu; use one of {sizes}, with ',2048' for sequence 2048")

@@ -23,6 +23,8 @@ def test_variants_are_bfloat16_gpts_of_the_named_size(variant, layers, seq, rema
 def test_unknown_variant_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown variant '2b' for gpt_gpu; use one of ':1.3b', ':124m', ':350m'"):
         config_lib.load(f"{GPT_GPU}:2b")
+    with pytest.raises(ValueError, match=r"unknown variant '124m,long' for gpt_gpu; .* with ',2048'"):
+        config_lib.load(f"{GPT_GPU}:124m,long")
 
 
 @pytest.mark.parametrize("variant, fits_without_remat", [
