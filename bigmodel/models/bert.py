@@ -70,7 +70,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         activation="gelu",  # MLP activation: 'gelu' (exact erf, as the reference), 'gelu_tanh' or 'relu'
         num_classes=2,  # used when head == 'classify'
         dtype="float32",
-        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'xla', 'cudnn'
+        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'fused_cpu', 'xla', 'cudnn'
         position="learned",  # 'learned' (the reference's table) | 'rope' (rotary in every layer, no table)
         rope_base=10000.0,
     )

@@ -79,7 +79,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         dtype="float32",
         remat="none",
         scan_layers=False,  # set below from the depth: on from SCAN_FROM_LAYERS layers
-        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'xla', 'cudnn'
+        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'fused_cpu', 'xla', 'cudnn'
         mup=False,  # maximal-update parameterisation (needs tie_embeddings=False)
         mup_base_width=128,  # d_model at which muP and the standard parameterisation coincide
         position="learned",  # 'learned' | 'rope' | 'none'

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigmodel.models import cpu_attention
+
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -236,7 +238,7 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "fused_cpu", "xla", "cudnn")
 # What cuDNN's fused attention refuses at trace time (shapes, head size, dtype, version, no GPU).
 CUDNN_REFUSALS = (RuntimeError, ValueError, NotImplementedError, TypeError)
 
@@ -244,13 +246,18 @@ CUDNN_REFUSALS = (RuntimeError, ValueError, NotImplementedError, TypeError)
 def default_attention_impl(dtype: Any) -> str:
     """The attention implementation a model gets when its config leaves the choice open.
 
-    'einsum' on CPU (`einsum_attention`); on GPU 'cudnn' for bfloat16/float16 compute (the
-    fused flash-attention kernel; `Attention` falls back to 'xla' where cuDNN refuses the
-    shapes); 'xla' otherwise (jax.nn.dot_product_attention's own default is XLA everywhere).
+    On CPU 'fused_cpu' (`cpu_attention`, float32, one device; `Attention` falls back to
+    'einsum' for a mask or where the kernel cannot be built) and 'einsum' (`einsum_attention`)
+    otherwise; on GPU 'cudnn' for bfloat16/float16 compute (the fused flash-attention kernel;
+    `Attention` falls back to 'xla' where cuDNN refuses the shapes); 'xla' otherwise
+    (jax.nn.dot_product_attention's own default is XLA everywhere).
+
+    The fused CPU kernel is an XLA custom call that the SPMD partitioner does not split, so
+    over several devices it would gather the whole batch on each: there 'einsum' is the default.
     """
     backend = jax.default_backend()
     if backend == "cpu":
-        return "einsum"
+        return "fused_cpu" if jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1 else "einsum"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
@@ -332,10 +339,11 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
 class Attention(nn.Module):
     """Multi-head attention (self or cross).
 
-    `implementation` None picks `default_attention_impl`: 'einsum' (`einsum_attention`,
-    heads-major) on CPU, cuDNN's fused kernel of `jax.nn.dot_product_attention` for half
-    precision on GPU where cuDNN takes the shapes, that function's XLA path otherwise;
-    'einsum', 'xla' or 'cudnn' force one (a forced 'cudnn' raises where cuDNN cannot run).
+    `implementation` None picks `default_attention_impl`: the fused CPU kernel
+    (`cpu_attention`) or 'einsum' (`einsum_attention`, heads-major) on CPU, cuDNN's fused kernel
+    of `jax.nn.dot_product_attention` for half precision on GPU where cuDNN takes the shapes,
+    that function's XLA path otherwise; 'einsum', 'fused_cpu', 'xla' or 'cudnn' force one (a
+    forced 'fused_cpu' or 'cudnn' raises where it cannot run).
     """
 
     num_heads: int  # N
@@ -392,6 +400,13 @@ class Attention(nn.Module):
             y = y.reshape(*inputs.shape[:-1], *kernel.shape[1:])
             return y if bias is None else y + bias
 
+        if impl == "fused_cpu":
+            reason = cpu_attention.unsupported(self.dtype, x.shape[-2], context.shape[-2], mask, self.causal)
+            if reason and self.implementation:
+                raise ValueError(f"attention implementation 'fused_cpu' cannot run here: {reason}; "
+                                 "use 'einsum' (or leave the choice open)")
+            impl = "einsum" if reason else impl
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
         names = ("query", "key", "value")
         (wq, bq, _), (wk, bk, axis), (wv, bv, _) = (weights(name) for name in names)
         if self_attention and kv_heads == self.num_heads:
@@ -399,27 +414,14 @@ class Attention(nn.Module):
             # sharding of the kernels carries over to the stacked one).
             stacked_bias = None if bq is None else jnp.stack([bq, bk, bv], axis=1)
             qkv = project(x, jnp.stack([wq, wk, wv], axis=2), stacked_bias)  # [B, T, N, 3, H]
-            q, k, v = (qkv[..., i, :] for i in range(3))
+            if impl == "fused_cpu" and not self.rope_base:  # the kernel reads the stacked tensor
+                qkv = constrain(qkv, ("act_batch", "act_seq", "act_heads", None, "act_kv"))
+                y = cpu_attention.packed_attention(qkv, self.causal, scale)
+            else:
+                y = self._attend(impl, *(qkv[..., i, :] for i in range(3)), mask, axis, scale)
         else:
-            q, k, v = project(x, wq, bq), project(context, wk, bk), project(context, wv, bv)
-        q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
-        k, v = (constrain(a, ("act_batch", "act_seq", "act_" + axis, "act_kv")) for a in (k, v))
-        if self.rope_base:
-            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base)
-            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base)
-        if impl == "einsum":
-            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, S, N, H] <-> [B, N, S, H]
-            y = heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
-                                             self.scale))
-        else:
-            attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=self.causal,
-                                       scale=self.scale)
-            try:
-                y = attend(implementation=impl)
-            except CUDNN_REFUSALS:
-                if self.implementation:  # asked for by name: say why it cannot run
-                    raise
-                y = attend(implementation="xla")
+            y = self._attend(impl, project(x, wq, bq), project(context, wk, bk), project(context, wv, bv), mask,
+                             axis, scale)
         y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))  # [B, T, N, H]
         out = self.param(
             "out_kernel", partitioned(dense_init(self.out_init_scale), ("heads", "kv", "embed")),
@@ -429,6 +431,29 @@ class Attention(nn.Module):
         if self.use_bias:
             y = y + self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,)).astype(self.dtype)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
+
+    def _attend(self, impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, axis: str,
+                scale: float) -> jax.Array:
+        """q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H] by implementation `impl`."""
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        k, v = (constrain(a, ("act_batch", "act_seq", "act_" + axis, "act_kv")) for a in (k, v))
+        if self.rope_base:
+            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base)
+            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base)
+        if impl == "fused_cpu":
+            return cpu_attention.attention(q, k, v, self.causal, scale)
+        if impl == "einsum":
+            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, S, N, H] <-> [B, N, S, H]
+            return heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
+                                                scale))
+        attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=self.causal,
+                                   scale=scale)
+        try:
+            return attend(implementation=impl)
+        except CUDNN_REFUSALS:
+            if self.implementation:  # asked for by name: say why it cannot run
+                raise
+            return attend(implementation="xla")
 
 
 class Embed(nn.Module):

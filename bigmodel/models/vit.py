@@ -57,7 +57,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         dropout=0.0,
         layer_norm_eps=1e-6,
         dtype="float32",
-        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'xla', 'cudnn'
+        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'fused_cpu', 'xla', 'cudnn'
     )
     fields.update(SIZES[size])
     return ml_collections.ConfigDict(fields)
