@@ -1,15 +1,17 @@
-// Fused float32 attention for XLA:CPU: forward and backward as two XLA FFI custom calls.
+// Fused float32 attention for XLA:CPU: forward and backward as XLA FFI custom calls, for
+// separate q, k, v and for self-attention's stacked projection.
 //
 // Layouts are the projections' own, so the model needs no head transposes:
 //   q, o, dq      [Z, T, N, H]   (Z = all leading dimensions; N query heads of size H)
 //   k, v, dk, dv  [Z, S, K, H]   (K key/value heads; N = G·K, query head n uses kv head n / G)
+//   qkv, dqkv     [Z, T, N, 3, H] (the packed entry points: S = T, K = N)
 //   lse           [Z, N, T]      (log-sum-exp of each row of scaled logits, kept for the backward)
 // Causal attention lets query t see keys s <= t + S - T (the caller keeps S >= T).
 //
-// Each unit of work is one (z, head) pair. A unit runs over blocks of kBlock query rows: it
-// computes that block's logits against only the keys the block can see, its softmax, and the
-// products with V (forward) or the gradients (backward), without writing the T x S
-// probabilities to memory. The products run through one register-blocked matmul kernel
+// A unit of work is one (z, query head) in the forward and one (z, key/value head) in the
+// backward. It runs over blocks of kBlock query rows: it computes a block's logits against
+// only the keys the block can see, their softmax, and the products with V (forward) or the
+// gradients (backward), without writing the T x S probabilities to memory. The products run through one register-blocked matmul kernel
 // written with GCC vector extensions (16 floats a vector), compiled for the host CPU.
 // Units are spread over XLA's intra-op thread pool.
 
