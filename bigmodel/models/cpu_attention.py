@@ -45,11 +45,13 @@ TARGETS = {
 }
 FORWARD, BACKWARD, PACKED_FORWARD, PACKED_BACKWARD = TARGETS
 
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # 'library' once built and registered, or 'error'
 
 
 def cache_dir() -> pathlib.Path:
+    """Where built kernels are kept: $BIGMODEL_KERNEL_CACHE, else bigmodel/kernels in the user's cache."""
     default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "bigmodel" / "kernels"
     return pathlib.Path(os.environ.get("BIGMODEL_KERNEL_CACHE", default))
 
@@ -107,7 +109,7 @@ def _load() -> ctypes.CDLL | None:
                 _state["library"] = library
             except (RuntimeError, OSError, AttributeError) as err:
                 _state["error"] = str(err)
-                logging.warning("fused CPU attention unavailable, using the einsum attention: %s", err)
+                _log.warning("fused CPU attention unavailable, using the einsum attention: %s", err)
         return _state.get("library")
 
 
