@@ -11,52 +11,29 @@
 // A unit of work is one (z, query head) in the forward and one (z, key/value head) in the
 // backward. It runs over blocks of kBlock query rows: it computes a block's logits against
 // only the keys the block can see, their softmax, and the products with V (forward) or the
-// gradients (backward), without writing the T x S probabilities to memory. The products run through one register-blocked matmul kernel
-// written with GCC vector extensions (16 floats a vector), compiled for the host CPU.
-// Units are spread over XLA's intra-op thread pool.
+// gradients (backward), without writing the T x S probabilities to memory. The products run
+// through one register-blocked matmul kernel written with GCC vector extensions (16 floats a
+// vector), compiled for the host CPU. Units are spread over XLA's intra-op thread pool.
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_kernels.h"
 
 namespace {
 
-constexpr int64_t kVec = 16;    // floats per vector
 constexpr int64_t kBlock = 64;  // query rows per block
+
 // Register tile of the matmul kernel: kRows rows of kCols vectors of C.
 #ifdef __AVX512F__
 constexpr int kRows = 6, kCols = 4;  // 24 accumulators of the 32 vector registers
 #else
 constexpr int kRows = 2, kCols = 2;  // narrower vector registers: each vector here is 2-4 of them
 #endif
-
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) {
-  vf v;
-  for (int i = 0; i < kVec; ++i) v[i] = x;
-  return v;
-}
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // C[R x 16·NV] (+)= A[R x k] · B[k x 16·NV]; element (r, p) of A is a[r·ar + p·ap], so the same
 // kernel multiplies by A or by A's transpose. B and C rows are contiguous vectors.
@@ -106,55 +83,6 @@ void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t ar, int64_t
   if (j < n) panel<1>(m, a, ar, ap, b + j, ldb, c + j, ldc, k, accumulate);
 }
 
-// exp for x <= 88.7 to about 2 ulp (Cody-Waite reduction, degree-6 polynomial); flushes to a
-// tiny positive number below -87.3 (callers zero what they mask).
-inline vf vexp(vf x) {
-  x = x < -87.3f ? splat(-87.3f) : x;
-  const vf t = x * 1.44269504088896341f;
-  const vf n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
-// Runs fn(0..n-1) on the calling thread and the pool's threads. A helper that starts after
-// the work ran out returns at once, so the caller never waits on a task that has not started.
-void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
-  struct Job {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t n = 0;
-    const std::function<void(int64_t)>* fn = nullptr;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto job = std::make_shared<Job>();
-  job->n = n;
-  job->fn = &fn;
-  const auto work = [job] {
-    int64_t mine = 0;
-    for (int64_t i; (i = job->next.fetch_add(1)) < job->n; ++mine) (*job->fn)(i);
-    if (mine && job->done.fetch_add(mine) + mine == job->n) {
-      std::lock_guard<std::mutex> lock(job->mu);
-      job->cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(std::function<void()>(work));
-  work();
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done.load() == job->n; });
-}
-
 // Per-thread scratch memory, kept between calls: `sizes` floats each, in one allocation.
 template <size_t N>
 std::array<float*, N> scratch(const std::array<int64_t, N>& sizes) {
@@ -198,15 +126,6 @@ View<T> dense(T* p, int64_t rows, int64_t heads, int64_t h) {
 template <typename T>
 View<T> packed(T* p, int64_t i, const Shape& d) {
   return View<T>{p + i * d.h, d.t * d.n * 3 * d.h, d.n * 3 * d.h, 3 * d.h};
-}
-
-const float* in(const ffi::AnyBuffer& b) { return static_cast<const float*>(b.untyped_data()); }
-float* out(ffi::Result<ffi::AnyBuffer>& b) { return static_cast<float*>(b->untyped_data()); }
-
-int64_t leading(const ffi::AnyBuffer::Dimensions& dims, int64_t trailing) {
-  int64_t z = 1;
-  for (int64_t i = 0; i + trailing < static_cast<int64_t>(dims.size()); ++i) z *= dims[i];
-  return z;
 }
 
 // Row softmax pieces over the first `width` entries of x (vectorised, scalar tail).

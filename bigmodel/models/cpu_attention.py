@@ -1,4 +1,4 @@
-"""Fused float32 attention for XLA:CPU (`cpu_attention.cc`), built for the host on first use.
+"""Fused float32 attention for XLA:CPU (`cpu_attention.cc`, one of `cpu_kernels`).
 
 XLA:CPU has no fused attention: an einsum attention writes the [T, S] logits and
 probabilities of every head to memory, differentiates the softmax elementwise and transposes
@@ -9,139 +9,38 @@ probabilities from the saved log-sum-exp (FlashAttention's scheme). Causal and f
 attention, grouped-query heads, no mask; `packed_attention` takes self-attention's stacked
 [.., T, N, 3, H] projection as it is.
 
-The C++ source is compiled once per host CPU, compiler and jaxlib (`g++ -O3 -march=native`,
-or $CXX) into $BIGMODEL_KERNEL_CACHE (default ~/.cache/bigmodel/kernels) and registered as
-two XLA FFI targets. Where no compiler is found or the build fails, `available()` is False
-and `unsupported` says why; `layers.Attention` then uses the einsum attention.
+Where the kernels cannot be built, `unsupported` says why and `layers.Attention` uses the
+einsum attention.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
-CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-# XLA FFI target name -> the library's handler symbol
-TARGETS = {
-    "bigmodel_cpu_attention_forward": "BigmodelAttentionForward",
-    "bigmodel_cpu_attention_backward": "BigmodelAttentionBackward",
-    "bigmodel_cpu_packed_attention_forward": "BigmodelPackedAttentionForward",
-    "bigmodel_cpu_packed_attention_backward": "BigmodelPackedAttentionBackward",
-}
-FORWARD, BACKWARD, PACKED_FORWARD, PACKED_BACKWARD = TARGETS
+from bigmodel.models import cpu_kernels
 
-_log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict[str, Any] = {}  # 'library' once built and registered, or 'error'
-
-
-def cache_dir() -> pathlib.Path:
-    """Where built kernels are kept: $BIGMODEL_KERNEL_CACHE, else bigmodel/kernels in the user's cache."""
-    default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "bigmodel" / "kernels"
-    return pathlib.Path(os.environ.get("BIGMODEL_KERNEL_CACHE", default))
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.processor()
-
-
-def build(compiler: str | None = None) -> pathlib.Path:
-    """Compile the kernel for this host (or reuse the cached build); returns the library path.
-
-    Raises RuntimeError naming the problem when there is no compiler or the build fails. The
-    library is written under a temporary name and renamed, so a build cut short leaves nothing
-    that a later run would load.
-    """
-    compiler = compiler or os.environ.get("CXX", "g++")
-    exe = shutil.which(compiler)
-    if exe is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (install g++ or set CXX) to build {SOURCE.name}")
-    include = jax.ffi.include_dir()
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join(
-        [SOURCE.read_text(), version, " ".join(CXX_FLAGS), jax.__version__, platform.machine(), _cpu_signature()]
-    ).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_attention-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([exe, *CXX_FLAGS, f"-I{include}", str(SOURCE), "-o", tmp],
-                              capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"building {SOURCE.name} with {compiler} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    with _lock:
-        if "library" not in _state and "error" not in _state:
-            try:
-                library = ctypes.cdll.LoadLibrary(str(build()))
-                for target, symbol in TARGETS.items():
-                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-                _state["library"] = library
-            except (RuntimeError, OSError, AttributeError) as err:
-                _state["error"] = str(err)
-                _log.warning("fused CPU attention unavailable, using the einsum attention: %s", err)
-        return _state.get("library")
-
-
-def available() -> bool:
-    """True once the kernel is built for this host and registered with XLA:CPU."""
-    return _load() is not None
+FORWARD = "bigmodel_cpu_attention_forward"
+BACKWARD = "bigmodel_cpu_attention_backward"
+PACKED_FORWARD = "bigmodel_cpu_packed_attention_forward"
+PACKED_BACKWARD = "bigmodel_cpu_packed_attention_backward"
 
 
 def unsupported(dtype: Any, t: int, s: int, mask: Any, causal: bool) -> str | None:
     """Why the kernel cannot run attention of T queries over S keys in `dtype` (None if it can)."""
-    if jax.default_backend() != "cpu":
-        return f"it runs on CPU only (the default backend is {jax.default_backend()})"
     if mask is not None:
         return "it takes no mask (only causal or full attention)"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"it computes in float32, not {jnp.dtype(dtype).name}"
     if causal and s < t:
         return f"causal attention needs at least as many keys as queries (got {s} < {t})"
-    if not available():
-        return _state["error"]
-    return None
+    return cpu_kernels.unsupported(dtype)
 
 
 def _call(target: str, shapes: Any, *args: jax.Array, causal: bool, scale: float) -> Any:
-    if not available():
-        raise RuntimeError(f"the fused CPU attention kernel is not available: {_state['error']}")
-    return jax.ffi.ffi_call(target, shapes, vmap_method="broadcast_all")(
-        *args, causal=bool(causal), scale=np.float32(scale))
-
-
-def _like(*arrays: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
-    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
+    return cpu_kernels.call(target, shapes, *args, causal=bool(causal), scale=np.float32(scale))
 
 
 def _outputs(q_shape: tuple[int, ...]) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
@@ -167,7 +66,7 @@ def _attention_fwd(q, k, v, causal, scale):
 
 def _attention_bwd(causal, scale, residuals, dout):
     q, k, v, out, lse = residuals
-    return tuple(_call(BACKWARD, _like(q, k, v), q, k, v, out, lse, dout, causal=causal, scale=scale))
+    return tuple(_call(BACKWARD, cpu_kernels.like(q, k, v), q, k, v, out, lse, dout, causal=causal, scale=scale))
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
@@ -195,7 +94,7 @@ def _packed_fwd(qkv, causal, scale):
 
 def _packed_bwd(causal, scale, residuals, dout):
     qkv, out, lse = residuals
-    return (_call(PACKED_BACKWARD, _like(qkv), qkv, out, lse, dout, causal=causal, scale=scale)[0],)
+    return (_call(PACKED_BACKWARD, cpu_kernels.like(qkv), qkv, out, lse, dout, causal=causal, scale=scale)[0],)
 
 
 packed_attention.defvjp(_packed_fwd, _packed_bwd)

@@ -86,7 +86,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         rope_base=10000.0,  # rotary base (position='rope')
         norm="layernorm",  # 'layernorm' | 'rmsnorm'
         norm_eps=1e-5,
+        norm_impl="",  # '': layers.default_norm_impl; or 'flax', 'fused_cpu'
         activation="gelu_tanh",  # MLP: 'gelu_tanh' (GPT-2) | 'gelu' | 'relu' | 'swiglu' | 'geglu'
+        activation_impl="",  # '': the fused bias + gelu_tanh CPU kernel where it runs; or 'xla', 'fused_cpu'
         num_kv_heads=0,  # 0 = num_heads; fewer = grouped-query attention, 1 = multi-query
         use_bias=True,  # biases of attention, MLP and LayerNorm
         num_experts=0,  # 0 = dense MLP; E > 0 = mixture of experts (d_ff is each expert's width)
@@ -125,7 +127,9 @@ class GPTConfig:
     rope_base: float = 10000.0
     norm: str = "layernorm"
     norm_eps: float = 1e-5
+    norm_impl: str = ""
     activation: str = "gelu_tanh"
+    activation_impl: str = ""
     num_kv_heads: int = 0
     use_bias: bool = True
     num_experts: int = 0
@@ -173,7 +177,7 @@ class Block(nn.Module):
         # scale as 1/H instead of 1/sqrt(H), and the query starts at zero.
         hidden_scale = cfg.width_mult**-0.5
         residual_scale = (2 * cfg.num_layers) ** -0.5 * hidden_scale
-        h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_1", cfg.use_bias)(x)
+        h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_1", cfg.use_bias, cfg.norm_impl or None)(x)
         h = layers.Attention(
             num_heads=cfg.num_heads,
             head_dim=head_dim,
@@ -191,7 +195,7 @@ class Block(nn.Module):
             name="attn",
         )(h, train=self.train)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
-        h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_2", cfg.use_bias)(x)
+        h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_2", cfg.use_bias, cfg.norm_impl or None)(x)
         if self.moe:
             h = moe.MoeMlp(
                 cfg.num_experts, cfg.experts_per_token, cfg.hidden, cfg.capacity_factor, cfg.activation,
@@ -200,7 +204,8 @@ class Block(nn.Module):
             h = nn.Dropout(cfg.dropout, deterministic=not self.train)(h)
         else:
             h = layers.Mlp(cfg.hidden, cfg.dropout, residual_scale, dtype, use_bias=cfg.use_bias,
-                           activation=cfg.activation, in_init_scale=hidden_scale, name="mlp")(h, train=self.train)
+                           activation=cfg.activation, in_init_scale=hidden_scale,
+                           activation_impl=cfg.activation_impl or None, name="mlp")(h, train=self.train)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
         return x, None
 
@@ -250,7 +255,7 @@ class GPT(nn.Module):
             for i in range(cfg.num_layers):
                 x, _ = block(cfg, train, is_moe[i], name=f"block_{i}")(x, None)
 
-        x = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_f", cfg.use_bias)(x)
+        x = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_f", cfg.use_bias, cfg.norm_impl or None)(x)
         if cfg.tie_embeddings:
             if cfg.mup:
                 raise ValueError("model.mup needs model.tie_embeddings=False (muP's readout is separate)")

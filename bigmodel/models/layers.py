@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigmodel.models import cpu_attention
+from bigmodel.models import cpu_attention, cpu_gelu, cpu_norm
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -58,16 +58,88 @@ def dense_init(scale: float = 1.0) -> Initializer:
     return nn.initializers.normal(stddev=0.02 * scale)
 
 
+def fused_cpu_default(dtype: Any) -> bool:
+    """Whether the fused CPU kernels (`cpu_kernels`) are the default: float32 on one CPU device.
+
+    They are XLA custom calls that the SPMD partitioner does not split, so over several
+    devices each would gather its whole input on every device; there, and on GPU and TPU
+    (where XLA fuses these operations itself), the plain JAX implementations are the default.
+    """
+    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+
+
+NORM_IMPLS = ("flax", "fused_cpu")
+ACTIVATION_IMPLS = ("xla", "fused_cpu")
+
+
+def default_norm_impl(dtype: Any) -> str:
+    """The norm implementation a model gets when its config leaves the choice open: 'fused_cpu'
+    (`cpu_norm`) where `fused_cpu_default`, else 'flax' (nn.LayerNorm, nn.RMSNorm)."""
+    return "fused_cpu" if fused_cpu_default(dtype) else "flax"
+
+
+def _checked_impl(kind: str, requested: str | None, default: str, choices: tuple[str, ...],
+                  reason: Callable[[], str | None]) -> str:
+    """The implementation an op runs with: the one asked for or the default, checked.
+
+    `reason()` says why 'fused_cpu' cannot run here (None if it can): a default falls back to
+    choices[0]; 'fused_cpu' asked for by name raises a ValueError naming the reason.
+    """
+    impl = requested or default
+    if impl not in choices:
+        raise ValueError(f"unknown {kind} implementation {impl!r}; use one of {choices} or ''")
+    if impl == "fused_cpu":
+        why = reason()
+        if why and requested:
+            raise ValueError(f"{kind} implementation 'fused_cpu' cannot run here: {why}; use {choices[0]!r} "
+                             "(or leave the choice open)")
+        return choices[0] if why else impl
+    return impl
+
+
+def _norm_impl(requested: str | None, x: jax.Array, dtype: Any) -> str:
+    return _checked_impl("norm", requested, default_norm_impl(dtype), NORM_IMPLS,
+                         lambda: cpu_norm.unsupported(x.dtype) or cpu_norm.unsupported(dtype))
+
+
+class _FusedNorm(nn.Module):
+    """The `cpu_norm` kernel with nn.LayerNorm's (or nn.RMSNorm's) parameters: same names,
+    shapes and initialisers, so checkpoints move freely between the two implementations."""
+
+    epsilon: float
+    center: bool  # LayerNorm; False: RMSNorm
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] float32 -> [..., D] float32."""
+        features = (x.shape[-1],)
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), features, jnp.float32)
+        if not self.center:
+            return cpu_norm.rms_norm(x, scale, self.epsilon)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), features,
+                          jnp.float32) if self.use_bias else None
+        return cpu_norm.layer_norm(x, scale, bias, self.epsilon)
+
+
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis with float32 statistics and logical names."""
+    """LayerNorm over the last axis with float32 statistics and logical names.
+
+    `implementation` None picks `default_norm_impl`: the fused CPU kernel (`cpu_norm`) for
+    float32 on one CPU device, nn.LayerNorm otherwise; 'flax' or 'fused_cpu' force one (a
+    forced 'fused_cpu' raises where it cannot run). Both hold the same parameters.
+    """
 
     epsilon: float = 1e-5  # GPT-2 uses 1e-5, BERT 1e-12
     use_bias: bool = True
     dtype: Any = jnp.float32  # output dtype
+    implementation: str | None = None  # None: default_norm_impl(dtype); or one of NORM_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., D]."""
+        if _norm_impl(self.implementation, x, self.dtype) == "fused_cpu":
+            return _FusedNorm(self.epsilon, True, self.use_bias, name="LayerNorm_0")(x)
         return nn.LayerNorm(
             epsilon=self.epsilon,
             use_bias=self.use_bias,
@@ -79,14 +151,20 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019): a scale and no centring or bias."""
+    """Root-mean-square norm (Zhang & Sennrich 2019): a scale and no centring or bias.
+
+    `implementation` as for `LayerNorm`.
+    """
 
     epsilon: float = 1e-5
     dtype: Any = jnp.float32  # output dtype
+    implementation: str | None = None  # None: default_norm_impl(dtype); or one of NORM_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., D] with float32 statistics."""
+        if _norm_impl(self.implementation, x, self.dtype) == "fused_cpu":
+            return _FusedNorm(self.epsilon, False, False, name="RMSNorm_0")(x)
         return nn.RMSNorm(
             epsilon=self.epsilon, dtype=self.dtype, param_dtype=jnp.float32,
             scale_init=partitioned(nn.initializers.ones, ("norm",)),
@@ -131,33 +209,55 @@ add_leading.defvjp(_add_leading_fwd, _add_leading_bwd)
 
 
 class Dense(nn.Module):
-    """`nn.Dense` over the last axis (same parameters) computed by `token_matmul`."""
+    """`nn.Dense` over the last axis (same parameters) computed by `token_matmul`, optionally
+    followed by an activation.
+
+    `activation` 'gelu_tanh' runs the bias add and the GELU as one fused CPU kernel
+    (`cpu_gelu`) where `fused_cpu_default` holds; `activation_impl` 'xla' or 'fused_cpu' forces
+    one (a forced 'fused_cpu' raises where it cannot run).
+    """
 
     features: int  # F
     use_bias: bool = True
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
+    activation: str = ""  # after the bias: '' (none) or a key of ACTIVATIONS
+    activation_impl: str | None = None  # None: 'fused_cpu' where fused_cpu_default; or one of ACTIVATION_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., F]."""
+        if self.activation and self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown Dense activation {self.activation!r}; use one of {sorted(ACTIVATIONS)}")
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         y = token_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
-        return y
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype) \
+            if self.use_bias else None
+        if self.activation:
+            default = "fused_cpu" if fused_cpu_default(self.dtype) and self.activation == "gelu_tanh" else "xla"
+
+            def reason() -> str | None:
+                if self.activation != "gelu_tanh":
+                    return f"its only activation is 'gelu_tanh', not {self.activation!r}"
+                return cpu_gelu.unsupported(self.dtype)
+
+            if _checked_impl("activation", self.activation_impl, default, ACTIVATION_IMPLS, reason) == "fused_cpu":
+                return cpu_gelu.bias_gelu(y, jnp.zeros((self.features,), y.dtype) if bias is None else bias)
+        y = y if bias is None else y + bias
+        return ACTIVATIONS[self.activation](y) if self.activation else y
 
 
 NORMS = ("layernorm", "rmsnorm")
 
 
-def make_norm(kind: str, epsilon: float, dtype: Any, name: str, use_bias: bool = True) -> nn.Module:
+def make_norm(kind: str, epsilon: float, dtype: Any, name: str, use_bias: bool = True,
+              implementation: str | None = None) -> nn.Module:
     """A LayerNorm (with or without bias) or an RMSNorm, by config name."""
     if kind == "layernorm":
-        return LayerNorm(epsilon, use_bias=use_bias, dtype=dtype, name=name)
+        return LayerNorm(epsilon, use_bias=use_bias, dtype=dtype, implementation=implementation, name=name)
     if kind == "rmsnorm":
-        return RMSNorm(epsilon, dtype=dtype, name=name)
+        return RMSNorm(epsilon, dtype=dtype, implementation=implementation, name=name)
     raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}")
 
 
@@ -202,6 +302,7 @@ class Mlp(nn.Module):
     use_bias: bool = True
     activation: str = "gelu_tanh"  # a key of ACTIVATIONS or GATED
     in_init_scale: float = 1.0  # muP shrinks hidden initialisations with width
+    activation_impl: str | None = None  # of a non-gated activation: see Dense
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -212,13 +313,15 @@ class Mlp(nn.Module):
             )
         d_model = x.shape[-1]
 
-        def project(name: str) -> jax.Array:
+        def project(name: str, activation: str = "") -> jax.Array:
             h = Dense(
                 self.d_ff,
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 kernel_init=partitioned(dense_init(self.in_init_scale), ("embed", "mlp")),
                 bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+                activation=activation,
+                activation_impl=self.activation_impl,
                 name=name,
             )(x)
             return constrain(h, ("act_batch", "act_seq", "act_mlp"))
@@ -226,7 +329,7 @@ class Mlp(nn.Module):
         if self.activation in GATED:
             h = GATED[self.activation](project("fc_gate")) * project("fc_in")
         else:
-            h = ACTIVATIONS[self.activation](project("fc_in"))
+            h = project("fc_in", self.activation)
         h = Dense(
             d_model,
             use_bias=self.use_bias,
@@ -257,7 +360,7 @@ def default_attention_impl(dtype: Any) -> str:
     """
     backend = jax.default_backend()
     if backend == "cpu":
-        return "fused_cpu" if jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1 else "einsum"
+        return "fused_cpu" if fused_cpu_default(dtype) else "einsum"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
@@ -377,9 +480,9 @@ class Attention(nn.Module):
             raise ValueError(f"{self.num_heads} query heads cannot be grouped over {kv_heads} key/value heads")
         # Fewer key/value heads get their own logical name, so the rules can shard them apart.
         kv_name = "heads" if kv_heads == self.num_heads else "kv_heads"
-        impl = self.implementation or default_attention_impl(self.dtype)
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTENTION_IMPLS} or ''")
+        impl = _checked_impl(
+            "attention", self.implementation, default_attention_impl(self.dtype), ATTENTION_IMPLS,
+            lambda: cpu_attention.unsupported(self.dtype, x.shape[-2], context.shape[-2], mask, self.causal))
 
         def weights(name: str) -> tuple[jax.Array, jax.Array | None, str]:
             heads, axis = (self.num_heads, "heads") if name == "query" else (kv_heads, kv_name)
@@ -400,12 +503,6 @@ class Attention(nn.Module):
             y = y.reshape(*inputs.shape[:-1], *kernel.shape[1:])
             return y if bias is None else y + bias
 
-        if impl == "fused_cpu":
-            reason = cpu_attention.unsupported(self.dtype, x.shape[-2], context.shape[-2], mask, self.causal)
-            if reason and self.implementation:
-                raise ValueError(f"attention implementation 'fused_cpu' cannot run here: {reason}; "
-                                 "use 'einsum' (or leave the choice open)")
-            impl = "einsum" if reason else impl
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
         names = ("query", "key", "value")
         (wq, bq, _), (wk, bk, axis), (wv, bv, _) = (weights(name) for name in names)
