@@ -6,7 +6,9 @@
   bigmodel bench data    --config … [--batches N] the input pipeline alone
   bigmodel bench compare --config … [--steps N]   bigmodel vs a PyTorch eager GPT of the
                                                   same shapes in one process, their steps
-                                                  timed in alternating rounds
+                                                  timed in alternating rounds (the ratio of
+                                                  medians, and the quartiles of the
+                                                  per-round ratios)
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def _peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _median_times(runners: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each runner, timed in alternating rounds after warm-up.
+def _round_times(runners: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each runner's call in each of `steps` alternating rounds, after warm-up.
 
     Alternating keeps a noisy machine's slow spells from landing on one side of a comparison.
     """
@@ -53,7 +55,21 @@ def _median_times(runners: dict[str, Callable[[], None]], steps: int, warmup: in
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def _median_times(runners: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each runner over alternating rounds (`_round_times`)."""
+    return {name: statistics.median(t) for name, t in _round_times(runners, steps, warmup).items()}
+
+
+def round_ratio_quartiles(ours_s: list[float], theirs_s: list[float]) -> list[float]:
+    """Quartiles [Q1, median, Q3] of the per-round speed ratios theirs/ours (step seconds of the
+    same alternating rounds): how far the noise of the machine moves the comparison."""
+    ratios = [t / o for o, t in zip(ours_s, theirs_s)]
+    if len(ratios) < 2:
+        return ratios * 3
+    return statistics.quantiles(ratios, n=4, method="inclusive")
 
 
 def prepare_train(config: ml_collections.ConfigDict) -> tuple[Callable[[], None], Callable[[float], dict]]:
@@ -287,11 +303,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     # Both steps in one process, timed in alternating rounds.
     (ours_step, ours_report), (theirs_step, theirs_report) = prepare_train(config), prepare_torch_gpt(config)
-    step_s = _median_times({"bigmodel": ours_step, "torch": theirs_step}, args.steps, warmup=2)
-    ours, theirs = ours_report(step_s["bigmodel"]), theirs_report(step_s["torch"])
+    times = _round_times({"bigmodel": ours_step, "torch": theirs_step}, args.steps, warmup=2)
+    ours = ours_report(statistics.median(times["bigmodel"]))
+    theirs = theirs_report(statistics.median(times["torch"]))
     _emit(ours)
     _emit(theirs)
     _emit({"name": "compare", "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+           "round_ratio_quartiles": round_ratio_quartiles(times["bigmodel"], times["torch"]),
            "measured_peak_flops": ours["peak_flops"], "bigmodel_mfu": ours["mfu"],
            "torch_mfu": theirs["achieved_flops"] / ours["peak_flops"]})
     return 0

@@ -40,6 +40,15 @@ def test_bench_compare_uses_the_same_model(capsys, tiny_overrides):
     assert theirs["params"] == ours["params"]  # identical shapes
     assert theirs["flops_per_token"] == pytest.approx(ours["flops_per_token"])
     assert ratio["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    q1, median, q3 = ratio["round_ratio_quartiles"]
+    assert 0 < q1 <= median <= q3
+
+
+def test_round_ratio_quartiles_pair_the_rounds():
+    # Per-round ratios theirs/ours: 2, 1, 1, 4 -> sorted 1, 1, 2, 4.
+    assert bench_lib.round_ratio_quartiles([1.0, 1.0, 2.0, 1.0], [2.0, 1.0, 2.0, 4.0]) == \
+        pytest.approx([1.0, 1.5, 2.5])
+    assert bench_lib.round_ratio_quartiles([2.0], [1.0]) == pytest.approx([0.5, 0.5, 0.5])
 
 
 @pytest.mark.parametrize("op_name, part", [
