@@ -2,10 +2,10 @@ r"""A small byte-level GPT on the CPython standard library sources (offline defa
 
 Command:   bigmodel train --config experiments/gpt_tiny.py --workdir runs/gpt_tiny
 Hardware:  2 CPU cores (any JAX backend works; the mesh fills all devices with 'data').
-Wall time: 3 minutes measured on 2 quiet cores for the README's first command on a fresh
-           machine (install, dataset build, attention kernel build and 139 s of training at
-           about 25k tokens/s); more when other jobs share the cores.
-Expected:  validation about 3.4 bits/byte (3.397 measured), against a unigram entropy of 4.69.
+Wall time: under 3 minutes measured on 2 quiet cores for the README's first command on a
+           fresh machine (2 min 45 s: install, dataset build, CPU kernel build and 126 s of
+           training at about 27k tokens/s); more when other jobs share the cores.
+Expected:  validation about 3.4 bits/byte (3.421 measured), against a unigram entropy of 4.69.
 
 Variants:  ':tiny' runs in seconds (used by the tests). ':llama' trains the Llama-style
            decoder of the same width and depth (gpt.model_config('llama_tiny'): rotary
