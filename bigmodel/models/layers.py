@@ -21,7 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigmodel.models import cpu_attention, cpu_gelu, cpu_norm
+from bigmodel.kernels.cpu import attention as cpu_attention
+from bigmodel.kernels.cpu import gelu as cpu_gelu
+from bigmodel.kernels.cpu import norm as cpu_norm
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -59,7 +61,7 @@ def dense_init(scale: float = 1.0) -> Initializer:
 
 
 def fused_cpu_default(dtype: Any) -> bool:
-    """Whether the fused CPU kernels (`cpu_kernels`) are the default: float32 on one CPU device.
+    """Whether the fused CPU kernels (`bigmodel.kernels.cpu`) are the default: float32 on one CPU device.
 
     They are XLA custom calls that the SPMD partitioner does not split, so over several
     devices each would gather its whole input on every device; there, and on GPU and TPU
