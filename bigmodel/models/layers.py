@@ -528,7 +528,8 @@ class Attention(nn.Module):
         )
         y = token_matmul(y.reshape(*y.shape[:-2], -1), out.reshape(-1, d_model).astype(self.dtype))
         if self.use_bias:
-            y = y + self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,)).astype(self.dtype)
+            bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,))
+            y = y + bias.astype(self.dtype)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
     def _attend(self, impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, axis: str,
@@ -575,3 +576,27 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> logits [B, T, V] with the transposed table."""
         return token_matmul(x, self.embedding.T.astype(self.dtype))
+
+
+class ClassifierHead(nn.Module):
+    """Every classifier's output layer: pooled features, dropout, then a dense layer to the classes.
+
+    Its parameters are a Dense's (`kernel` [D, classes], `bias` [classes]) under the name the
+    model gives it ('head' in every family), with logical names (`features_axis`, 'classes').
+    """
+
+    num_classes: int
+    dropout: float = 0.0  # on the pooled features
+    kernel_init: Initializer = dense_init()
+    features_axis: str = "embed"  # logical name of the pooled width ('mlp' where it is a hidden width)
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """pooled [B, D] -> logits [B, classes] float32."""
+        x = nn.Dropout(self.dropout, deterministic=not train)(x.astype(self.dtype))
+        kernel = self.param("kernel", partitioned(self.kernel_init, (self.features_axis, "classes")),
+                            (x.shape[-1], self.num_classes), jnp.float32)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("classes",)), (self.num_classes,), jnp.float32)
+        logits = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        return constrain(logits, ("act_batch", None)).astype(jnp.float32)
