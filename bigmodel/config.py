@@ -254,6 +254,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     for group in ("model", "data", "optim", "train", "eval", "checkpoint", "mesh", "sharding", "log"):
         if group not in config:
             raise ConfigError(f"config has no {group!r} group; every experiment needs config.{group}")
+    from bigmodel import models  # here, not at the top: bigmodel.models imports this module
+
+    models.check(config.model)
     sizes = mesh_shape(config.mesh, num_devices)
     batch_axes = math.prod(sizes[a] for a in BATCH_AXES)
     batch_name = "*".join(BATCH_AXES)

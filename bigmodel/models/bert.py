@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigmodel.models import layers
+from bigmodel.models import fields, layers
+from bigmodel.models.fields import field
 
 # name: (num_layers, d_model, num_heads); d_ff = 4·d_model. Small sizes: Turc et al. 2019.
 SIZES: dict[str, dict[str, Any]] = {
@@ -52,57 +53,34 @@ POSITIONS = ("learned", "rope")
 
 def model_config(size: str) -> ml_collections.ConfigDict:
     """The full BERT field set for a named size, for `config.model`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown BERT size {size!r}; choose one of {sorted(SIZES)}")
-    fields = dict(
-        name="bert",
-        size=size,
-        head="mlm",  # 'mlm' (BertMLM) | 'classify' (BertClassifier)
-        vocab_size=30522,  # uncased WordPiece
-        max_len=512,
-        type_vocab_size=2,
-        num_layers=12,
-        d_model=768,
-        num_heads=12,
-        d_ff=0,  # 0 means 4·d_model
-        dropout=0.1,
-        layer_norm_eps=1e-12,
-        activation="gelu",  # MLP activation: 'gelu' (exact erf, as the reference), 'gelu_tanh' or 'relu'
-        num_classes=2,  # used when head == 'classify'
-        dtype="float32",
-        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'fused_cpu', 'xla', 'cudnn'
-        position="learned",  # 'learned' (the reference's table) | 'rope' (rotary in every layer, no table)
-        rope_base=10000.0,
-    )
-    fields.update(SIZES[size])
-    return ml_collections.ConfigDict(fields)
+    return fields.config_dict(BertConfig, SIZES, size)
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """Static hyper-parameters of BERT, built from `config.model`."""
+class BertConfig(fields.ModelConfig):
+    """Static hyper-parameters of BERT: the fields of `config.model` (defaults: BERT-base)."""
 
-    vocab_size: int  # V
-    max_len: int  # rows of the position table
-    num_layers: int
-    d_model: int  # D
-    num_heads: int  # N
-    d_ff: int = 0  # F; 0 means 4·D
-    type_vocab_size: int = 2  # segment ids (sentence A / B)
-    dropout: float = 0.1  # hidden dropout: embeddings, attention output, MLP output, classifier
-    num_classes: int = 2  # BertClassifier only
-    layer_norm_eps: float = 1e-12
-    activation: str = "gelu"  # MLP activation, a key of layers.ACTIVATIONS
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str = ""
-    position: str = "learned"  # 'learned' | 'rope'
-    rope_base: float = 10000.0
+    family = "bert"
+    head: str = field("mlm", choices=HEADS)  # 'mlm' (BertMLM) | 'classify' (BertClassifier)
+    vocab_size: int = field(30522, ge=1)  # V; 30522 is the uncased WordPiece vocabulary
+    max_len: int = field(512, ge=1)  # rows of the position table
+    type_vocab_size: int = field(2, ge=1)  # segment ids (sentence A / B)
+    num_layers: int = field(12, ge=1)
+    d_model: int = field(768, ge=1)  # D
+    num_heads: int = field(12, ge=1)  # N, a divisor of D
+    d_ff: int = field(0, ge=0)  # F; 0 means 4·D
+    dropout: float = field(0.1, ge=0, lt=1)  # hidden dropout: embeddings, attention output, MLP output, classifier
+    layer_norm_eps: float = field(1e-12, gt=0)
+    activation: str = field("gelu", choices=tuple(layers.ACTIVATIONS))  # MLP: 'gelu' is the reference's exact erf
+    num_classes: int = field(2, ge=2)  # BertClassifier only
+    dtype: str = field("float32", choices=tuple(layers.DTYPES))  # compute dtype; parameters stay float32
+    attention_impl: str = field("", choices=("", *layers.ATTENTION_IMPLS))  # '': layers.default_attention_impl
+    position: str = field("learned", choices=POSITIONS)  # 'learned' (the reference's table) | 'rope' (no table)
+    rope_base: float = field(10000.0, gt=0)  # rotary base (position='rope')
 
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "BertConfig":
-        """Pick the BertConfig fields out of `config.model`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+    def check(self) -> None:
+        """Heads that split the width."""
+        fields.check_heads(self.d_model, self.num_heads, self.position == "rope")
 
     @property
     def hidden(self) -> int:
@@ -120,8 +98,6 @@ class BertEmbeddings(nn.Module):
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         self.word = layers.Embed(cfg.vocab_size, cfg.d_model, dtype)
         init = layers.dense_init()
-        if cfg.position not in POSITIONS:
-            raise ValueError(f"unknown model.position {cfg.position!r} for bert; use one of {POSITIONS}")
         if cfg.position == "learned":
             self.position = self.param(
                 "position", layers.partitioned(init, ("pos", "embed")), (cfg.max_len, cfg.d_model)
@@ -180,8 +156,6 @@ class BertEncoder(nn.Module):
     def setup(self) -> None:
         """Create embeddings, `layer_i` and the pooler."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
-        if cfg.d_model % cfg.num_heads:
-            raise ValueError(f"model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}")
         self.embeddings = BertEmbeddings(cfg)
         self.layer = [BertLayer(cfg) for _ in range(cfg.num_layers)]
         if self.add_pooler:
@@ -236,7 +210,7 @@ class BertMLM(nn.Module):
 
 
 class BertClassifier(nn.Module):
-    """BERT encoder + pooler + dropout + a fresh dense layer over classes."""
+    """BERT encoder and pooler, then the classifier head (dropout, a fresh dense layer over classes)."""
 
     cfg: BertConfig
 
@@ -245,20 +219,9 @@ class BertClassifier(nn.Module):
         """tokens [B, T] int32, type_ids [B, T] -> logits [B, classes] float32."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         _, pooled = BertEncoder(cfg, add_pooler=True, name="bert")(tokens, type_ids, train=train)
-        pooled = nn.Dropout(cfg.dropout, deterministic=not train)(pooled)
-        logits = nn.Dense(
-            cfg.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(layers.dense_init(), ("embed", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(pooled)
-        return layers.constrain(logits, ("act_batch", None)).astype(jnp.float32)
+        return layers.ClassifierHead(cfg.num_classes, cfg.dropout, dtype=dtype, name="head")(pooled, train=train)
 
 
-def build(cfg: ml_collections.ConfigDict) -> nn.Module:
+def build(cfg: BertConfig) -> nn.Module:
     """BertMLM or BertClassifier according to `cfg.head`."""
-    if cfg.head not in HEADS:
-        raise ValueError(f"unknown model.head {cfg.head!r} for bert; choose one of {HEADS}")
-    module = BertMLM if cfg.head == "mlm" else BertClassifier
-    return module(BertConfig.from_config(cfg))
+    return BertMLM(cfg) if cfg.head == "mlm" else BertClassifier(cfg)

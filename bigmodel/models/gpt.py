@@ -12,7 +12,7 @@ Structural switches in `config.model` (each independent; `LLAMA` sets them all):
   tie_embeddings  output layer shares the token embedding table
   num_experts  0 = dense MLPs; E > 0 = a routed mixture of experts (bigmodel.models.moe) in
                every moe_every-th block, experts_per_token of them per token, capacity_factor
-               (<= 0 dropless), auxiliary losses moe_balance_weight and moe_z_weight
+               (0: dropless), auxiliary losses moe_balance_weight and moe_z_weight
 The llama* sizes are Llama-style (RoPE, RMSNorm, SwiGLU, no biases, untied, GQA where the
 original has it); llama2_7b counts 6,738,415,616 parameters and llama3_8b 8,030,261,248.
 """
@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigmodel.models import layers, moe
+from bigmodel.config import ConfigError
+from bigmodel.models import fields, layers, moe
+from bigmodel.models.fields import field
 
 # The Llama recipe (Touvron et al. 2023) as switches of this decoder.
 LLAMA: dict[str, Any] = dict(position="rope", norm="rmsnorm", activation="swiglu", use_bias=False,
@@ -66,84 +68,62 @@ REMAT_POLICIES = {
 
 def model_config(size: str) -> ml_collections.ConfigDict:
     """The full GPT field set for a named size, for `config.model`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown GPT size {size!r}; choose one of {sorted(SIZES)}")
-    fields = dict(
-        name="gpt",
-        size=size,
-        vocab_size=50257,
-        max_len=1024,
-        d_ff=0,  # 0 means 4·d_model (8/3·d_model rounded up to a multiple of 16 for gated MLPs)
-        dropout=0.0,
-        tie_embeddings=True,
-        dtype="float32",
-        remat="none",
-        scan_layers=False,  # set below from the depth: on from SCAN_FROM_LAYERS layers
-        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'fused_cpu', 'xla', 'cudnn'
-        mup=False,  # maximal-update parameterisation (needs tie_embeddings=False)
-        mup_base_width=128,  # d_model at which muP and the standard parameterisation coincide
-        position="learned",  # 'learned' | 'rope' | 'none'
-        rope_base=10000.0,  # rotary base (position='rope')
-        norm="layernorm",  # 'layernorm' | 'rmsnorm'
-        norm_eps=1e-5,
-        norm_impl="",  # '': layers.default_norm_impl; or 'flax', 'fused_cpu'
-        activation="gelu_tanh",  # MLP: 'gelu_tanh' (GPT-2) | 'gelu' | 'relu' | 'swiglu' | 'geglu'
-        activation_impl="",  # '': the fused bias + gelu_tanh CPU kernel where it runs; or 'xla', 'fused_cpu'
-        num_kv_heads=0,  # 0 = num_heads; fewer = grouped-query attention, 1 = multi-query
-        use_bias=True,  # biases of attention, MLP and LayerNorm
-        num_experts=0,  # 0 = dense MLP; E > 0 = mixture of experts (d_ff is each expert's width)
-        experts_per_token=2,  # top-k routing: 1 (Switch) or 2 (GShard, Mixtral)
-        capacity_factor=1.25,  # slots per expert = ceil(k·T·factor / E); <= 0 = dropless (ragged_dot)
-        moe_every=1,  # an MoE block every n-th block (the others dense); 1 with scan_layers
-        moe_balance_weight=0.01,  # load-balancing loss weight
-        moe_z_weight=0.001,  # router z-loss weight
-    )
+    cfg = fields.config_dict(GPTConfig, SIZES, size)
     # Deep models stack their blocks with nn.scan: compile time stays flat in depth (2.1 s at 4 and at
     # 32 layers for gpt_tiny's width, against 12 s unrolled), for about 15-20% of CPU step time.
-    fields["scan_layers"] = SIZES[size]["num_layers"] >= SCAN_FROM_LAYERS
-    fields.update(SIZES[size])
-    return ml_collections.ConfigDict(fields)
+    cfg.scan_layers = cfg.num_layers >= SCAN_FROM_LAYERS
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    """Static hyper-parameters of a GPT, built from `config.model`."""
+class GPTConfig(fields.ModelConfig):
+    """Static hyper-parameters of a GPT: the fields of `config.model` (defaults: GPT-2 124M)."""
 
-    vocab_size: int  # V
-    max_len: int  # longest sequence the position table covers
-    num_layers: int
-    d_model: int  # D
-    num_heads: int  # N
-    d_ff: int = 0  # F; 0 means 4·D
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat: str = "none"  # 'none' | 'full' | 'dots'
-    scan_layers: bool = False  # stack layers with nn.scan (fast compile for deep models)
-    attention_impl: str = ""
-    mup: bool = False  # maximal-update parameterisation (Yang et al. 2022)
-    mup_base_width: int = 128  # base d_model of muP's width multiplier
-    position: str = "learned"
-    rope_base: float = 10000.0
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    norm_impl: str = ""
-    activation: str = "gelu_tanh"
-    activation_impl: str = ""
-    num_kv_heads: int = 0
-    use_bias: bool = True
-    num_experts: int = 0
-    experts_per_token: int = 2
-    capacity_factor: float = 1.25
-    moe_every: int = 1
-    moe_balance_weight: float = 0.01
-    moe_z_weight: float = 0.001
+    family = "gpt"
+    vocab_size: int = field(50257, ge=1)  # V
+    max_len: int = field(1024, ge=1)  # longest sequence the position table covers
+    num_layers: int = field(12, ge=1)
+    d_model: int = field(768, ge=1)  # D
+    num_heads: int = field(12, ge=1)  # N, a divisor of D
+    d_ff: int = field(0, ge=0)  # F; 0 means 4·D (8/3·D rounded up to a multiple of 16 for gated MLPs)
+    dropout: float = field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = field(True)  # the output layer shares the token embedding table
+    dtype: str = field("float32", choices=tuple(layers.DTYPES))  # compute dtype; parameters stay float32
+    remat: str = field("none", choices=tuple(REMAT_POLICIES))  # what a block's backward recomputes
+    scan_layers: bool = field(False)  # stack layers with nn.scan; model_config sets it from the depth
+    attention_impl: str = field("", choices=("", *layers.ATTENTION_IMPLS))  # '': layers.default_attention_impl
+    mup: bool = field(False)  # maximal-update parameterisation (Yang et al. 2022; needs tie_embeddings=False)
+    mup_base_width: int = field(128, ge=1)  # d_model at which muP and the standard parameterisation coincide
+    position: str = field("learned", choices=POSITIONS)  # rope: rotary, with rope_base
+    rope_base: float = field(10000.0, gt=0)  # rotary base (position='rope')
+    norm: str = field("layernorm", choices=layers.NORMS)
+    norm_eps: float = field(1e-5, gt=0)
+    norm_impl: str = field("", choices=("", *layers.NORM_IMPLS))  # '': layers.default_norm_impl
+    activation: str = field("gelu_tanh", choices=(*layers.ACTIVATIONS, *layers.GATED))  # of the MLP
+    activation_impl: str = field("", choices=("", *layers.ACTIVATION_IMPLS))  # '': fused bias + gelu_tanh where it runs
+    num_kv_heads: int = field(0, ge=0)  # 0 = num_heads; a divisor of it = grouped-query, 1 = multi-query
+    use_bias: bool = field(True)  # biases of attention, MLP and LayerNorm
+    num_experts: int = field(0, ge=0)  # 0 = dense MLP; E > 0 = mixture of experts (d_ff is each expert's width)
+    experts_per_token: int = field(2, ge=1)  # top-k routing: 1 (Switch) or 2 (GShard, Mixtral); <= num_experts
+    capacity_factor: float = field(1.25, ge=0)  # slots per expert = ceil(k·T·factor / E); 0 = dropless (ragged_dot)
+    moe_every: int = field(1, ge=1)  # an MoE block every n-th block (the others dense); 1 with scan_layers
+    moe_balance_weight: float = field(0.01, ge=0)  # load-balancing loss weight
+    moe_z_weight: float = field(0.001, ge=0)  # router z-loss weight
 
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "GPTConfig":
-        """Pick the GPTConfig fields out of `config.model`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+    def check(self) -> None:
+        """Heads that split the width, grouped heads that split the heads, and the MoE and muP combinations."""
+        fields.check_heads(self.d_model, self.num_heads, self.position == "rope")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide config.model.num_heads="
+                              f"{self.num_heads} (0 means num_heads; 1 is multi-query attention)")
+        if self.num_experts and self.experts_per_token > self.num_experts:
+            raise ConfigError(f"config.model.experts_per_token={self.experts_per_token} exceeds config.model."
+                              f"num_experts={self.num_experts}; route each token to at most that many experts")
+        if self.scan_layers and self.num_experts and 1 < self.moe_every <= self.num_layers:
+            raise ConfigError(f"config.model.moe_every={self.moe_every} mixes MoE and dense blocks, but "
+                              "config.model.scan_layers stacks identical blocks; use moe_every=1 or scan_layers=False")
+        if self.mup and self.tie_embeddings:
+            raise ConfigError("config.model.mup needs config.model.tie_embeddings=False (muP's readout is separate)")
 
     @property
     def hidden(self) -> int:
@@ -222,8 +202,6 @@ class GPT(nn.Module):
         length = tokens.shape[1]
         if length > cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
-        if cfg.position not in POSITIONS:
-            raise ValueError(f"unknown model.position {cfg.position!r}; use one of {POSITIONS}")
         embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype, name="wte")
         x = embed(tokens)
         if cfg.position == "learned":
@@ -237,12 +215,8 @@ class GPT(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
-        if cfg.num_experts and cfg.moe_every < 1:
-            raise ValueError(f"model.moe_every={cfg.moe_every} must be >= 1")
         is_moe = [cfg.num_experts > 0 and (i + 1) % cfg.moe_every == 0 for i in range(cfg.num_layers)]
         if cfg.scan_layers:
-            if len(set(is_moe)) > 1:
-                raise ValueError("model.scan_layers stacks identical blocks; use model.moe_every=1 with it")
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0, moe.AUX: 0},
@@ -257,8 +231,6 @@ class GPT(nn.Module):
 
         x = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_f", cfg.use_bias, cfg.norm_impl or None)(x)
         if cfg.tie_embeddings:
-            if cfg.mup:
-                raise ValueError("model.mup needs model.tie_embeddings=False (muP's readout is separate)")
             logits = embed.attend(x)
         else:
             # muP's readout starts at zero and divides the logits by the width multiplier.

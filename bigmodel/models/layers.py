@@ -21,7 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigmodel.models import cpu_attention, cpu_gelu, cpu_norm
+from bigmodel.kernels.cpu import attention as cpu_attention
+from bigmodel.kernels.cpu import gelu as cpu_gelu
+from bigmodel.kernels.cpu import norm as cpu_norm
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -59,7 +61,7 @@ def dense_init(scale: float = 1.0) -> Initializer:
 
 
 def fused_cpu_default(dtype: Any) -> bool:
-    """Whether the fused CPU kernels (`cpu_kernels`) are the default: float32 on one CPU device.
+    """Whether the fused CPU kernels (`bigmodel.kernels.cpu`) are the default: float32 on one CPU device.
 
     They are XLA custom calls that the SPMD partitioner does not split, so over several
     devices each would gather its whole input on every device; there, and on GPU and TPU
@@ -526,7 +528,8 @@ class Attention(nn.Module):
         )
         y = token_matmul(y.reshape(*y.shape[:-2], -1), out.reshape(-1, d_model).astype(self.dtype))
         if self.use_bias:
-            y = y + self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,)).astype(self.dtype)
+            bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (d_model,))
+            y = y + bias.astype(self.dtype)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
     def _attend(self, impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, axis: str,
@@ -573,3 +576,27 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> logits [B, T, V] with the transposed table."""
         return token_matmul(x, self.embedding.T.astype(self.dtype))
+
+
+class ClassifierHead(nn.Module):
+    """Every classifier's output layer: pooled features, dropout, then a dense layer to the classes.
+
+    Its parameters are a Dense's (`kernel` [D, classes], `bias` [classes]) under the name the
+    model gives it ('head' in every family), with logical names (`features_axis`, 'classes').
+    """
+
+    num_classes: int
+    dropout: float = 0.0  # on the pooled features
+    kernel_init: Initializer = dense_init()
+    features_axis: str = "embed"  # logical name of the pooled width ('mlp' where it is a hidden width)
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """pooled [B, D] -> logits [B, classes] float32."""
+        x = nn.Dropout(self.dropout, deterministic=not train)(x.astype(self.dtype))
+        kernel = self.param("kernel", partitioned(self.kernel_init, (self.features_axis, "classes")),
+                            (x.shape[-1], self.num_classes), jnp.float32)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("classes",)), (self.num_classes,), jnp.float32)
+        logits = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        return constrain(logits, ("act_batch", None)).astype(jnp.float32)

@@ -69,7 +69,8 @@ class MoeMlp(nn.Module):
         if self.activation not in layers.ACTIVATIONS and self.activation not in layers.GATED:
             raise ValueError(f"unknown expert activation {self.activation!r}")
         if not 1 <= self.experts_per_token <= self.num_experts:
-            raise ValueError(f"experts_per_token={self.experts_per_token} must be in [1, num_experts={self.num_experts}]")
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be in [1, "
+                             f"num_experts={self.num_experts}]")
         b, t, d = x.shape
         e, k = self.num_experts, self.experts_per_token
         router = self.param("router", layers.partitioned(layers.dense_init(), ("embed", None)), (d, e))

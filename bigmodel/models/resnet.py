@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigmodel.models import layers
+from bigmodel.models import fields, layers
+from bigmodel.models.fields import field
 
 # name: block type, blocks per stage, stem; widths 64·2^stage, expansion 4 for bottleneck.
 SIZES: dict[str, dict[str, Any]] = {
@@ -46,72 +47,49 @@ CNN_SIZES: dict[str, dict[str, Any]] = {
 }
 
 CONV_NAMES = (None, None, "conv_in", "conv_out")  # kernel [kh, kw, C_in, C_out]
+BLOCK_TYPES = ("basic", "bottleneck")  # BasicBlock (ResNet-18/34), Bottleneck (50/101/152)
+STEMS = ("imagenet", "small")
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
     """The full ResNet field set for a named size, for `config.model`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown ResNet size {size!r}; choose one of {sorted(SIZES)}")
-    fields = dict(
-        name="resnet",
-        size=size,
-        block="basic",  # 'basic' (ResNet-18/34) or 'bottleneck' (50/101/152)
-        stage_sizes=(2, 2, 2, 2),
-        width=64,  # channels of the first stage; doubles each stage
-        stem="imagenet",  # 'imagenet' (7×7/2 conv + 3×3/2 max-pool) or 'small' (3×3/1 conv)
-        num_classes=1000,
-        image_size=224,  # for building the init batch; the network itself is size-agnostic
-        num_channels=3,
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-        dtype="float32",
-    )
-    fields.update(SIZES[size])
-    return ml_collections.ConfigDict(fields)
+    return fields.config_dict(ResNetConfig, SIZES, size)
 
 
 def cnn_model_config(size: str) -> ml_collections.ConfigDict:
     """The full small-CNN field set for a named size, for `config.model`."""
-    if size not in CNN_SIZES:
-        raise ValueError(f"unknown CNN size {size!r}; choose one of {sorted(CNN_SIZES)}")
-    fields = dict(
-        name="cnn",
-        size=size,
-        features=(32, 64),
-        dense=256,
-        num_classes=10,
-        image_size=8,
-        num_channels=1,
-        dropout=0.0,
-        dtype="float32",
-    )
-    fields.update(CNN_SIZES[size])
-    return ml_collections.ConfigDict(fields)
-
-
-def _from_config(cls: type, cfg: ml_collections.ConfigDict) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
-    return cls(**values)
+    return fields.config_dict(CNNConfig, CNN_SIZES, size)
 
 
 @dataclasses.dataclass(frozen=True)
-class ResNetConfig:
-    """Static hyper-parameters of a ResNet, built from `config.model`."""
+class ResNetConfig(fields.ModelConfig):
+    """Static hyper-parameters of a ResNet: the fields of `config.model` (defaults: ResNet-18 on ImageNet)."""
 
-    block: str  # 'basic' | 'bottleneck'
-    stage_sizes: tuple[int, ...]  # blocks per stage
-    width: int = 64  # channels of stage 0; stage i has width·2^i (·4 after a bottleneck)
-    stem: str = "imagenet"  # 'imagenet' | 'small'
-    num_classes: int = 1000
-    bn_momentum: float = 0.9  # running = momentum·running + (1-momentum)·batch (torch's 0.1)
-    bn_epsilon: float = 1e-5
-    dtype: str = "float32"  # compute dtype; parameters and BN statistics stay float32
+    family = "resnet"
+    block: str = field("basic", choices=BLOCK_TYPES)
+    stage_sizes: tuple[int, ...] = field((2, 2, 2, 2), ge=1)  # blocks per stage
+    width: int = field(64, ge=1)  # channels of stage 0; stage i has width·2^i (·4 after a bottleneck)
+    stem: str = field("imagenet", choices=STEMS)  # 7×7/2 conv + 3×3/2 max-pool, or one 3×3/1 conv
+    num_classes: int = field(1000, ge=2)
+    image_size: int = field(224, ge=1)  # for building the init batch; the network itself is size-agnostic
+    num_channels: int = field(3, ge=1)  # C of the input images
+    bn_momentum: float = field(0.9, ge=0, lt=1)  # running = momentum·running + (1-momentum)·batch (torch's 0.1)
+    bn_epsilon: float = field(1e-5, gt=0)
+    dtype: str = field("float32", choices=tuple(layers.DTYPES))  # compute dtype; parameters, BN statistics float32
 
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "ResNetConfig":
-        """Pick the ResNetConfig fields out of `config.model`."""
-        return _from_config(cls, cfg)
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig(fields.ModelConfig):
+    """Static hyper-parameters of the small CNN: the fields of `config.model`."""
+
+    family = "cnn"
+    features: tuple[int, ...] = field((32, 64), ge=1)  # channels of each 3×3 conv (each followed by 2×2 avg-pool)
+    dense: int = field(256, ge=1)  # hidden width of the dense layer
+    num_classes: int = field(10, ge=2)
+    image_size: int = field(8, ge=1)  # for building the init batch
+    num_channels: int = field(1, ge=1)  # C of the input images
+    dropout: float = field(0.0, ge=0, lt=1)  # before the output layer
+    dtype: str = field("float32", choices=tuple(layers.DTYPES))  # compute dtype; parameters stay float32
 
 
 def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
@@ -200,7 +178,7 @@ class Bottleneck(nn.Module):
         return nn.relu(x + y)
 
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+BLOCKS = dict(zip(BLOCK_TYPES, (BasicBlock, Bottleneck)))
 
 
 class ResNet(nn.Module):
@@ -212,10 +190,6 @@ class ResNet(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         """images [B, height, width, C] float -> logits [B, classes] float32."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
-        if cfg.block not in BLOCKS:
-            raise ValueError(f"unknown model.block {cfg.block!r}; choose one of {sorted(BLOCKS)}")
-        if cfg.stem not in ("imagenet", "small"):
-            raise ValueError(f"unknown model.stem {cfg.stem!r}; choose 'imagenet' or 'small'")
         norm = functools.partial(BatchNorm, momentum=cfg.bn_momentum, epsilon=cfg.bn_epsilon, dtype=dtype)
         x = layers.constrain(images.astype(dtype), ("act_batch", None, None, None))
         if cfg.stem == "imagenet":
@@ -231,30 +205,8 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and i == 0 else 1
                 x = block(cfg.width * 2**stage, stride, norm, dtype, name=f"stage{stage + 1}_block{i + 1}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # global average pool -> [B, C]
-        logits = nn.Dense(
-            cfg.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(x)
-        return layers.constrain(logits, ("act_batch", None)).astype(jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class CNNConfig:
-    """Static hyper-parameters of the small CNN, built from `config.model`."""
-
-    features: tuple[int, ...] = (32, 64)  # channels of each 3×3 conv (each followed by 2×2 avg-pool)
-    dense: int = 256  # hidden width of the dense layer
-    num_classes: int = 10
-    dropout: float = 0.0  # before the output layer
-    dtype: str = "float32"
-
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "CNNConfig":
-        """Pick the CNNConfig fields out of `config.model`."""
-        return _from_config(cls, cfg)
+        return layers.ClassifierHead(cfg.num_classes, kernel_init=nn.initializers.lecun_normal(), dtype=dtype,
+                                     name="head")(x)
 
 
 class CNN(nn.Module):
@@ -286,12 +238,6 @@ class CNN(nn.Module):
             bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)),
             name="fc",
         )(x)
-        x = nn.Dropout(cfg.dropout, deterministic=not train)(nn.relu(x))
-        logits = nn.Dense(
-            cfg.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("mlp", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(x)
-        return layers.constrain(logits, ("act_batch", None)).astype(jnp.float32)
+        head = layers.ClassifierHead(cfg.num_classes, cfg.dropout, nn.initializers.lecun_normal(), "mlp", dtype,
+                                     name="head")
+        return head(nn.relu(x), train=train)

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigmodel.models import layers
+from bigmodel.models import fields, layers
+from bigmodel.models.fields import field
 
 # name: (num_layers, d_model = embedding width, hidden = recurrent width)
 SIZES: dict[str, dict[str, Any]] = {
@@ -37,44 +38,24 @@ HEADS = ("lm", "classify")
 
 def model_config(size: str) -> ml_collections.ConfigDict:
     """The full RNN field set for a named size, for `config.model`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown RNN size {size!r}; choose one of {sorted(SIZES)}")
-    fields = dict(
-        name="rnn",
-        size=size,
-        cell="lstm",  # 'lstm' | 'gru'
-        head="lm",  # 'lm' (RNNLM, logits per step) | 'classify' (RNNClassifier)
-        vocab_size=384,  # bytes plus specials, padded to a multiple of 128
-        num_layers=1,
-        d_model=64,
-        hidden=128,
-        num_classes=2,  # used when head == 'classify'
-        max_len=256,  # for building the init batch; the network itself is length-agnostic
-        dropout=0.0,
-        dtype="float32",
-    )
-    fields.update(SIZES[size])
-    return ml_collections.ConfigDict(fields)
+    return fields.config_dict(RNNConfig, SIZES, size)
 
 
 @dataclasses.dataclass(frozen=True)
-class RNNConfig:
-    """Static hyper-parameters of an RNN model, built from `config.model`."""
+class RNNConfig(fields.ModelConfig):
+    """Static hyper-parameters of an RNN model: the fields of `config.model`."""
 
-    vocab_size: int  # V
-    num_layers: int
-    d_model: int  # D, embedding width
-    hidden: int  # F, recurrent state width
-    cell: str = "lstm"  # 'lstm' | 'gru'
-    num_classes: int = 2  # RNNClassifier only
-    dropout: float = 0.0  # on embeddings, between layers and before the head
-    dtype: str = "float32"  # compute dtype; parameters and the recurrent carry stay float32
-
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "RNNConfig":
-        """Pick the RNNConfig fields out of `config.model`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+    family = "rnn"
+    cell: str = field("lstm", choices=tuple(CELLS))
+    head: str = field("lm", choices=HEADS)  # 'lm' (RNNLM, logits per step) | 'classify' (RNNClassifier)
+    vocab_size: int = field(384, ge=1)  # V; bytes plus specials, padded to a multiple of 128
+    num_layers: int = field(1, ge=1)
+    d_model: int = field(64, ge=1)  # D, embedding width
+    hidden: int = field(128, ge=1)  # F, recurrent state width
+    num_classes: int = field(2, ge=2)  # RNNClassifier only
+    max_len: int = field(256, ge=1)  # for building the init batch; the network itself is length-agnostic
+    dropout: float = field(0.0, ge=0, lt=1)  # on embeddings, between layers and before the head
+    dtype: str = field("float32", choices=tuple(layers.DTYPES))  # compute dtype; parameters and carry stay float32
 
 
 class RNNStack(nn.Module):
@@ -88,8 +69,6 @@ class RNNStack(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """tokens [B, T], lengths [B] -> (outputs [B, T, F], last-layer final state [B, F])."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
-        if cfg.cell not in CELLS:
-            raise ValueError(f"unknown model.cell {cfg.cell!r}; choose one of {sorted(CELLS)}")
         x = layers.Embed(cfg.vocab_size, cfg.d_model, dtype, name="embed")(tokens)
         x = layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
@@ -146,20 +125,11 @@ class RNNClassifier(nn.Module):
         if lengths is None:
             lengths = jnp.sum(tokens != 0, axis=-1)
         _, final = RNNStack(cfg, name="rnn")(tokens, lengths=lengths.astype(jnp.int32), train=train)
-        final = nn.Dropout(cfg.dropout, deterministic=not train)(final.astype(dtype))
-        logits = nn.Dense(
-            cfg.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("mlp", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(final)
-        return layers.constrain(logits, ("act_batch", None)).astype(jnp.float32)
+        head = layers.ClassifierHead(cfg.num_classes, cfg.dropout, nn.initializers.lecun_normal(), "mlp", dtype,
+                                     name="head")
+        return head(final, train=train)
 
 
-def build(cfg: ml_collections.ConfigDict) -> nn.Module:
+def build(cfg: RNNConfig) -> nn.Module:
     """RNNLM or RNNClassifier according to `cfg.head`."""
-    if cfg.head not in HEADS:
-        raise ValueError(f"unknown model.head {cfg.head!r} for rnn; choose one of {HEADS}")
-    module = RNNLM if cfg.head == "lm" else RNNClassifier
-    return module(RNNConfig.from_config(cfg))
+    return RNNLM(cfg) if cfg.head == "lm" else RNNClassifier(cfg)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bigmodel.models import layers
+from bigmodel.models import fields, layers
+from bigmodel.models.fields import field
 
 # name: layers per stack, D, N, F, dropout (Table 3 of the paper for base and big).
 SIZES: dict[str, dict[str, Any]] = {
@@ -39,46 +40,28 @@ POSITIONS = ("sinusoidal", "learned")
 
 def model_config(size: str) -> ml_collections.ConfigDict:
     """The full Transformer field set for a named size, for `config.model`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown Transformer size {size!r}; choose one of {sorted(SIZES)}")
-    fields = dict(
-        name="transformer",
-        size=size,
-        vocab_size=32000,  # shared source/target sentencepiece vocabulary
-        max_len=256,  # longest source or target; also the decode buffer bound
-        num_layers=6,  # per stack: encoder and decoder each
-        d_model=512,
-        num_heads=8,
-        d_ff=2048,
-        dropout=0.0,
-        positions="sinusoidal",  # 'sinusoidal' | 'learned'
-        dtype="float32",
-        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'fused_cpu', 'xla', 'cudnn'
-    )
-    fields.update(SIZES[size])
-    return ml_collections.ConfigDict(fields)
+    return fields.config_dict(TransformerConfig, SIZES, size)
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-    """Static hyper-parameters of an encoder-decoder Transformer, built from `config.model`."""
+class TransformerConfig(fields.ModelConfig):
+    """Static hyper-parameters of an encoder-decoder Transformer: the fields of `config.model` (defaults: base)."""
 
-    vocab_size: int  # V, shared by source and target
-    max_len: int  # longest sequence the position table covers
-    num_layers: int  # per stack
-    d_model: int  # D
-    num_heads: int  # N
-    d_ff: int  # F
-    dropout: float = 0.0  # after embeddings, attention and MLP outputs
-    positions: str = "sinusoidal"  # 'sinusoidal' | 'learned'
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str = ""
+    family = "transformer"
+    vocab_size: int = field(32000, ge=1)  # V, shared by source and target (one sentencepiece vocabulary)
+    max_len: int = field(256, ge=1)  # longest source or target; also the decode buffer bound
+    num_layers: int = field(6, ge=1)  # per stack: encoder and decoder each
+    d_model: int = field(512, ge=1)  # D
+    num_heads: int = field(8, ge=1)  # N, a divisor of D
+    d_ff: int = field(2048, ge=1)  # F
+    dropout: float = field(0.0, ge=0, lt=1)  # after embeddings, attention and MLP outputs
+    positions: str = field("sinusoidal", choices=POSITIONS)  # the paper's fixed table, or a learned one
+    dtype: str = field("float32", choices=tuple(layers.DTYPES))  # compute dtype; parameters stay float32
+    attention_impl: str = field("", choices=("", *layers.ATTENTION_IMPLS))  # '': layers.default_attention_impl
 
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "TransformerConfig":
-        """Pick the TransformerConfig fields out of `config.model`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+    def check(self) -> None:
+        """Heads that split the width."""
+        fields.check_heads(self.d_model, self.num_heads)
 
 
 def sinusoids(length: int, d_model: int) -> np.ndarray:
@@ -149,10 +132,6 @@ class Transformer(nn.Module):
     def setup(self) -> None:
         """Shared embedding, optional learned positions, the two stacks and final norms."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
-        if cfg.positions not in POSITIONS:
-            raise ValueError(f"unknown model.positions {cfg.positions!r}; choose one of {POSITIONS}")
-        if cfg.d_model % cfg.num_heads:
-            raise ValueError(f"model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}")
         self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype)
         if cfg.positions == "learned":
             self.pos = self.param(

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigmodel.models import layers
+from bigmodel.config import ConfigError
+from bigmodel.models import fields, layers
+from bigmodel.models.fields import field
 
 # name: patch, D, layers, N, F (Table 1 of the paper; Ti and S from DeiT / big_vision).
 SIZES: dict[str, dict[str, Any]] = {
@@ -39,53 +41,35 @@ POOLS = ("token", "map", "gap")
 
 def model_config(size: str) -> ml_collections.ConfigDict:
     """The full ViT field set for a named size, for `config.model`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(SIZES)}")
-    fields = dict(
-        name="vit",
-        size=size,
-        image_size=224,  # the position table is built for (image_size / patch_size)² patches
-        num_channels=3,
-        patch_size=16,
-        d_model=768,
-        num_layers=12,
-        num_heads=12,
-        d_ff=3072,
-        num_classes=1000,
-        pool="token",  # 'token' | 'map' | 'gap'
-        head_zeroinit=False,  # zero-init the classifier (big_vision's default for fine-tuning)
-        dropout=0.0,
-        layer_norm_eps=1e-6,
-        dtype="float32",
-        attention_impl="",  # '': layers.default_attention_impl; or 'einsum', 'fused_cpu', 'xla', 'cudnn'
-    )
-    fields.update(SIZES[size])
-    return ml_collections.ConfigDict(fields)
+    return fields.config_dict(ViTConfig, SIZES, size)
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """Static hyper-parameters of a ViT, built from `config.model`."""
+class ViTConfig(fields.ModelConfig):
+    """Static hyper-parameters of a ViT: the fields of `config.model` (defaults: ViT-B/16 on ImageNet)."""
 
-    image_size: int  # square input side in pixels
-    patch_size: int  # P
-    d_model: int  # D
-    num_layers: int
-    num_heads: int  # N
-    d_ff: int  # F
-    num_classes: int = 1000
-    pool: str = "token"  # 'token' | 'map' | 'gap'
-    head_zeroinit: bool = False  # zero classifier weights at init
-    dropout: float = 0.0  # after positions, attention and MLP outputs
-    layer_norm_eps: float = 1e-6
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str = ""
+    family = "vit"
+    image_size: int = field(224, ge=1)  # square input side in pixels, a multiple of patch_size
+    num_channels: int = field(3, ge=1)  # C of the input images
+    patch_size: int = field(16, ge=1)  # P
+    d_model: int = field(768, ge=1)  # D
+    num_layers: int = field(12, ge=1)
+    num_heads: int = field(12, ge=1)  # N, a divisor of D
+    d_ff: int = field(3072, ge=1)  # F
+    num_classes: int = field(1000, ge=2)
+    pool: str = field("token", choices=POOLS)  # class token, attention pooling (MAPHead) or mean over patches
+    head_zeroinit: bool = field(False)  # zero-init the classifier (big_vision's default for fine-tuning)
+    dropout: float = field(0.0, ge=0, lt=1)  # after positions, attention and MLP outputs
+    layer_norm_eps: float = field(1e-6, gt=0)
+    dtype: str = field("float32", choices=tuple(layers.DTYPES))  # compute dtype; parameters stay float32
+    attention_impl: str = field("", choices=("", *layers.ATTENTION_IMPLS))  # '': layers.default_attention_impl
 
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "ViTConfig":
-        """Pick the ViTConfig fields out of `config.model`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+    def check(self) -> None:
+        """Heads that split the width; whole patches."""
+        fields.check_heads(self.d_model, self.num_heads)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"config.model.image_size={self.image_size} is not a multiple of config.model.patch_size="
+                              f"{self.patch_size}; the patches must tile the image")
 
     @property
     def num_patches(self) -> int:
@@ -143,10 +127,6 @@ class ViT(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         """images [B, height, width, C] float -> logits [B, classes] float32."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
-        if cfg.pool not in POOLS:
-            raise ValueError(f"unknown model.pool {cfg.pool!r}; choose one of {POOLS}")
-        if cfg.d_model % cfg.num_heads:
-            raise ValueError(f"model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}")
         if images.shape[1:3] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"images are {images.shape[1:3]} but model.image_size={cfg.image_size}")
         x = nn.Conv(
@@ -180,11 +160,4 @@ class ViT(nn.Module):
         else:
             x = jnp.mean(x, axis=1)
         head_init = nn.initializers.zeros if cfg.head_zeroinit else layers.dense_init()
-        logits = nn.Dense(
-            cfg.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(head_init, ("embed", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(x)
-        return layers.constrain(logits, ("act_batch", None)).astype(jnp.float32)
+        return layers.ClassifierHead(cfg.num_classes, kernel_init=head_init, dtype=dtype, name="head")(x)

@@ -46,7 +46,8 @@ def test_gpt2_124m_counts_exactly():
 
 
 @pytest.mark.parametrize("size, expected", [
-    ("350m", 354_823_168), ("774m", 774_030_080), ("1.3b", 1_313_626_112), ("1.5b", 1_557_611_200), ("nano", 132_864), ("tiny", 875_264),
+    ("350m", 354_823_168), ("774m", 774_030_080), ("1.3b", 1_313_626_112), ("1.5b", 1_557_611_200),
+    ("nano", 132_864), ("tiny", 875_264),
 ])
 def test_every_size_by_eval_shape(size, expected):
     cfg = gpt.model_config(size)

@@ -138,3 +138,50 @@ def test_causal_block_default_is_a_quarter_of_the_sequence():
                                rtol=0, atol=0)
     want = jax.nn.dot_product_attention(*(q.transpose(0, 2, 1, 3),) * 3, is_causal=True, implementation="xla")
     np.testing.assert_allclose(blocked, want.transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_head_is_a_dense_layer_after_dropout():
+    x = jax.random.normal(jax.random.key(1), (3, 16))
+    head = layers.ClassifierHead(5, dropout=0.5, features_axis="mlp", dtype=jnp.bfloat16)
+    variables = head.init(jax.random.key(0), x)
+    boxed = variables["params"]
+    assert {k: (v.value.shape, v.names) for k, v in boxed.items()} == {
+        "kernel": ((16, 5), ("mlp", "classes")), "bias": ((5,), ("classes",))}
+    params = nn.unbox(boxed)
+    assert params["kernel"].dtype == jnp.float32 and not params["bias"].any()
+    params["bias"] = jnp.arange(5.0)
+    logits = head.apply({"params": params}, x)  # eval: no dropout; computed in bfloat16, returned as float32
+    want = x.astype(jnp.bfloat16) @ params["kernel"].astype(jnp.bfloat16) + params["bias"].astype(jnp.bfloat16)
+    assert logits.dtype == jnp.float32 and logits.shape == (3, 5)
+    np.testing.assert_array_equal(logits, want.astype(jnp.float32))
+    # Training drops features at the rate and scales the kept ones by 1/(1-rate).
+    ones = layers.ClassifierHead(1, dropout=0.5, kernel_init=nn.initializers.ones)
+    wide = jnp.ones((1, 1000))
+    one_params = ones.init(jax.random.key(0), wide)
+    kept = ones.apply(one_params, wide, train=True, rngs={"dropout": jax.random.key(3)})[0, 0] / 2
+    assert ones.apply(one_params, wide)[0, 0] == 1000 and kept == int(kept) and 400 < kept < 600
+
+
+def test_every_classifier_family_uses_the_shared_head():
+    from bigmodel import models
+    from bigmodel.models import bert, resnet, rnn, vit
+
+    configs = [bert.model_config("tiny"), rnn.model_config("tiny"), vit.model_config("tiny"),
+               resnet.model_config("tiny"), resnet.cnn_model_config("small")]
+    configs[0].head = configs[1].head = "classify"
+    for cfg in configs:
+        model = models.build(cfg)
+        image = "image_size" in cfg
+        inputs = jnp.zeros((2, cfg.image_size, cfg.image_size, cfg.num_channels) if image else (2, 8),
+                           jnp.float32 if image else jnp.int32)
+        heads = []
+
+        def record(f, args, kwargs, context):
+            if context.method_name == "__call__" and isinstance(context.module, layers.ClassifierHead):
+                heads.append((context.module.name, context.module.num_classes))
+            return f(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), inputs)[0])
+        assert heads == [("head", cfg.num_classes)], cfg.name
+        assert logits.shape == (2, cfg.num_classes) and logits.dtype == jnp.float32

@@ -1,4 +1,4 @@
-"""LayerNorm and RMSNorm for XLA:CPU (`cpu_norm.cc`, one of `cpu_kernels`), float32.
+"""LayerNorm and RMSNorm for XLA:CPU (`norm.cc`, built by `library`), float32.
 
 XLA:CPU splits a differentiated LayerNorm into a dozen fusions: row reductions for the
 statistics, broadcasts written to memory, and column reductions of the scale and bias
@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigmodel.models import cpu_kernels
+from bigmodel.kernels.cpu import library
 
 FORWARD = "bigmodel_cpu_norm_forward"
 BACKWARD = "bigmodel_cpu_norm_backward"
 
-unsupported = cpu_kernels.unsupported  # (dtype) -> why the kernel cannot run, or None
+unsupported = library.unsupported  # (dtype) -> why the kernel cannot run, or None
 
 
 def _stats(x: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
@@ -42,7 +42,7 @@ def norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, center
 
 
 def _forward(x, scale, bias, epsilon, center):
-    return cpu_kernels.call(FORWARD, _stats(x), x, scale, bias, eps=np.float32(epsilon), center=bool(center))
+    return library.call(FORWARD, _stats(x), x, scale, bias, eps=np.float32(epsilon), center=bool(center))
 
 
 def _norm_fwd(x, scale, bias, epsilon, center):
@@ -52,7 +52,7 @@ def _norm_fwd(x, scale, bias, epsilon, center):
 
 def _norm_bwd(epsilon, center, residuals, dy):
     x, scale, mean, rstd = residuals
-    return tuple(cpu_kernels.call(BACKWARD, cpu_kernels.like(x, scale, scale), x, scale, mean, rstd, dy,
+    return tuple(library.call(BACKWARD, library.like(x, scale, scale), x, scale, mean, rstd, dy,
                                   center=bool(center)))
 
 

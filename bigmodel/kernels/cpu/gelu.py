@@ -1,4 +1,4 @@
-"""Bias add and tanh-approximate GELU for XLA:CPU (`cpu_gelu.cc`, one of `cpu_kernels`), float32.
+"""Bias add and tanh-approximate GELU for XLA:CPU (`gelu.cc`, built by `library`), float32.
 
 XLA:CPU runs GPT-2's MLP activation gelu_tanh(h + b) as two passes over the [B·T, F] hidden
 activations in the forward (one of them writing tanh for the backward) and sums the bias
@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import jax
 
-from bigmodel.models import cpu_kernels
+from bigmodel.kernels.cpu import library
 
 FORWARD = "bigmodel_cpu_bias_gelu_forward"
 BACKWARD = "bigmodel_cpu_bias_gelu_backward"
 
-unsupported = cpu_kernels.unsupported  # (dtype) -> why the kernel cannot run, or None
+unsupported = library.unsupported  # (dtype) -> why the kernel cannot run, or None
 
 
 @jax.custom_vjp
 def bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
     """gelu_tanh(h + bias) for h [.., F] and bias [F], float32 (`nn.gelu(approximate=True)`)."""
-    return cpu_kernels.call(FORWARD, cpu_kernels.like(h), h, bias)[0]
+    return library.call(FORWARD, library.like(h), h, bias)[0]
 
 
 def _fwd(h, bias):
@@ -32,7 +32,7 @@ def _fwd(h, bias):
 
 def _bwd(residuals, dy):
     h, bias = residuals
-    return tuple(cpu_kernels.call(BACKWARD, cpu_kernels.like(h, bias), h, bias, dy))
+    return tuple(library.call(BACKWARD, library.like(h, bias), h, bias, dy))
 
 
 bias_gelu.defvjp(_fwd, _bwd)

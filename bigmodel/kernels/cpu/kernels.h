@@ -1,4 +1,4 @@
-// Shared by bigmodel's XLA:CPU kernels (cpu_attention.cc, cpu_norm.cc, cpu_gelu.cc): 16-float
+// Shared by bigmodel's XLA:CPU kernels (attention.cc, norm.cc, gelu.cc): 16-float
 // vectors through GCC vector extensions, a vectorised exp, a parallel loop over XLA's
 // intra-op thread pool, float32 buffer access, and rows with per-feature parameters. All of it
 // has internal linkage: each kernel source gets its own copy.

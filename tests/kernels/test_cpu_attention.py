@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigmodel.models import cpu_attention, layers
+from bigmodel.kernels.cpu import attention as cpu_attention
+from bigmodel.models import layers
 
 
 def reference(q, k, v, causal, scale):

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigmodel.models import cpu_gelu, cpu_kernels, cpu_norm, gpt, layers
+from bigmodel.kernels.cpu import gelu as cpu_gelu
+from bigmodel.kernels.cpu import library
+from bigmodel.kernels.cpu import norm as cpu_norm
+from bigmodel.models import gpt, layers
 
 
 def cotangent(shape, seed=3):
@@ -132,7 +135,7 @@ def test_defaults_and_refusals(monkeypatch):
         assert ("bigmodel_cpu_bias_gelu_forward" in text) == (activation == "gelu_tanh")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert layers.default_norm_impl(jnp.float32) == "flax"
-    assert "CPU only" in cpu_kernels.unsupported(jnp.float32)
+    assert "CPU only" in library.unsupported(jnp.float32)
 
 
 def test_gpt_with_the_kernels_matches_the_plain_jax_gpt():
@@ -165,7 +168,7 @@ def test_gpt_with_the_kernels_matches_the_plain_jax_gpt():
 def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("BIGMODEL_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-cxx'"):
-        cpu_kernels.build("no-such-cxx")
+        library.build("no-such-cxx")
     # A compiler that writes half a library and fails: the error shows its message, and the
     # cache holds no library (nor a temporary file) that a later run could load.
     broken = tmp_path / "broken-cxx"
@@ -174,10 +177,10 @@ def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch
     broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(RuntimeError, match="failed:\n.*out of memory"):
-        cpu_kernels.build("broken-cxx")
+        library.build("broken-cxx")
     assert not list((tmp_path / "cache").iterdir())
     # The real build is reused: the second call compiles nothing.
-    first = cpu_kernels.build()
+    first = library.build()
     mtime = first.stat().st_mtime_ns
-    assert cpu_kernels.build() == first and first.stat().st_mtime_ns == mtime
+    assert library.build() == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]

@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "kernels.h"
 
 namespace {
 

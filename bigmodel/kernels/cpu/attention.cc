@@ -22,7 +22,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "kernels.h"
 
 namespace {
 

@@ -1,11 +1,11 @@
 """bigmodel's XLA:CPU kernels: one C++ library, built for the host on first use.
 
-The sources (`cpu_attention.cc`: fused attention; `cpu_norm.cc`: LayerNorm and RMSNorm;
-`cpu_gelu.cc`: bias add and GELU; with their shared `cpu_kernels.h`) are compiled together once per host CPU, compiler and jaxlib
-(`g++ -O3 -march=native`, or $CXX) into $BIGMODEL_KERNEL_CACHE (default
+The sources (`attention.cc`: fused attention; `norm.cc`: LayerNorm and RMSNorm; `gelu.cc`:
+bias add and GELU; with their shared `kernels.h`) are compiled together once per host CPU,
+compiler and jaxlib (`g++ -O3 -march=native`, or $CXX) into $BIGMODEL_KERNEL_CACHE (default
 ~/.cache/bigmodel/kernels), and each XLA FFI handler is registered as a custom-call target.
 Where no compiler is found or the build fails, `available()` is False and `error()` says why;
-the models then use their plain JAX paths (`cpu_attention.unsupported`, `unsupported`).
+the models then use their plain JAX paths (`attention.unsupported`, `unsupported`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_norm.cc", HERE / "cpu_gelu.cc")  # compiled
-HEADERS = (HERE / "cpu_kernels.h",)  # included; part of the cache key
+SOURCES = (HERE / "attention.cc", HERE / "norm.cc", HERE / "gelu.cc")  # compiled
+HEADERS = (HERE / "kernels.h",)  # included; part of the cache key
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # XLA FFI target name -> the library's handler symbol
 TARGETS = {

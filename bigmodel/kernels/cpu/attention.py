@@ -1,4 +1,4 @@
-"""Fused float32 attention for XLA:CPU (`cpu_attention.cc`, one of `cpu_kernels`).
+"""Fused float32 attention for XLA:CPU (`attention.cc`, built by `library`).
 
 XLA:CPU has no fused attention: an einsum attention writes the [T, S] logits and
 probabilities of every head to memory, differentiates the softmax elementwise and transposes
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigmodel.models import cpu_kernels
+from bigmodel.kernels.cpu import library
 
 FORWARD = "bigmodel_cpu_attention_forward"
 BACKWARD = "bigmodel_cpu_attention_backward"
@@ -36,11 +36,11 @@ def unsupported(dtype: Any, t: int, s: int, mask: Any, causal: bool) -> str | No
         return "it takes no mask (only causal or full attention)"
     if causal and s < t:
         return f"causal attention needs at least as many keys as queries (got {s} < {t})"
-    return cpu_kernels.unsupported(dtype)
+    return library.unsupported(dtype)
 
 
 def _call(target: str, shapes: Any, *args: jax.Array, causal: bool, scale: float) -> Any:
-    return cpu_kernels.call(target, shapes, *args, causal=bool(causal), scale=np.float32(scale))
+    return library.call(target, shapes, *args, causal=bool(causal), scale=np.float32(scale))
 
 
 def _outputs(q_shape: tuple[int, ...]) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
@@ -66,7 +66,7 @@ def _attention_fwd(q, k, v, causal, scale):
 
 def _attention_bwd(causal, scale, residuals, dout):
     q, k, v, out, lse = residuals
-    return tuple(_call(BACKWARD, cpu_kernels.like(q, k, v), q, k, v, out, lse, dout, causal=causal, scale=scale))
+    return tuple(_call(BACKWARD, library.like(q, k, v), q, k, v, out, lse, dout, causal=causal, scale=scale))
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
@@ -94,7 +94,7 @@ def _packed_fwd(qkv, causal, scale):
 
 def _packed_bwd(causal, scale, residuals, dout):
     qkv, out, lse = residuals
-    return (_call(PACKED_BACKWARD, cpu_kernels.like(qkv), qkv, out, lse, dout, causal=causal, scale=scale)[0],)
+    return (_call(PACKED_BACKWARD, library.like(qkv), qkv, out, lse, dout, causal=causal, scale=scale)[0],)
 
 
 packed_attention.defvjp(_packed_fwd, _packed_bwd)

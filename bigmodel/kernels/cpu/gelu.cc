@@ -2,7 +2,7 @@
 // backward as XLA FFI custom calls, float32.
 //
 //   h, y, dy, dh   [R, F]   (R = all leading dimensions: the MLP's hidden pre-activations)
-//   bias, dbias    [P, F]   (see Rows in cpu_kernels.h)
+//   bias, dbias    [P, F]   (see Rows in kernels.h)
 //
 // With z = h + bias and u = c·(z + 0.044715·z³), c = sqrt(2/π):
 //   y  = 0.5·z·(1 + tanh u)
@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "kernels.h"
 
 namespace {
 
