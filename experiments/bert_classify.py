@@ -36,17 +36,20 @@ Variants:  ':tiny' runs in seconds from scratch (the tests point init.workdir at
            bert_stdlib run); ':sst2', ':imdb'.
 """
 
+import pathlib
+
 import ml_collections
 
 from bigmodel import config as config_lib
 
+base = config_lib.experiment_module(pathlib.Path(__file__).with_name("base.py"))
+VARIANTS = ("", "tiny", "sst2", "imdb")
 CLASSES = ("asyncio", "ctypes", "email", "idlelib", "importlib", "multiprocessing", "tkinter", "unittest")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """Config for the default run, or the ':tiny', ':sst2' and ':imdb' variants."""
-    if arg not in ("", "tiny", "sst2", "imdb"):
-        raise ValueError(f"unknown variant {arg!r} for bert_classify; use ':tiny', ':sst2', ':imdb' or nothing")
+    base.check_variant(__file__, arg, VARIANTS)
     # Start from the pre-training config so model shapes and data settings match it.
     c = config_lib.sibling_config(__file__, "bert_stdlib.py", "tiny" if arg == "tiny" else "")
     c.task = "classify"
@@ -92,14 +95,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.data.snippets_per_class = 32
         c.data.eval_snippets_per_class = 8
         c.init.workdir = ""
-        c.optim.warmup_steps = 3
-        c.train.steps = 10
-        c.train.batch_size = 8
-        c.eval.every = 5
-        c.eval.batch_size = 8
-        c.eval.num_batches = 0
-        c.checkpoint.every = 5
-        c.log.every = 5
+        base.tiny(c, steps=10, batch_size=8, warmup_steps=3, every=5, log_every=5, eval_batches=0)
     elif arg == "sst2":
         c.data.name, c.data.text_key, c.data.eval_split = "glue/sst2", "sentence", "validation"
         c.model.num_classes = 2

@@ -28,16 +28,21 @@ plateau after about 200 steps.
 Variants:  ':tiny' runs in seconds (used by the tests).
 """
 
+import pathlib
+
 import ml_collections
 
-from bigmodel import sharding
+from bigmodel import config as config_lib
 from bigmodel.models import bert
+
+base = config_lib.experiment_module(pathlib.Path(__file__).with_name("base.py"))
+VARIANTS = ("", "tiny")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """Config for the default run, or the ':tiny' variant."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    base.check_variant(__file__, arg, VARIANTS)
+    c = base.config()
     c.task = "mlm"
     c.model = bert.model_config("tiny")
     c.model.head = "mlm"
@@ -46,83 +51,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.position = "rope"  # relative offsets from the start; 'learned' is the reference's table
     c.model.dropout = 0.0  # a few minutes see a fraction of the corpus once: underfitting, nothing to regularise
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "text_files"  # our builder for text files; or a TFDS name such as 'lm1b'
-    c.data.source = ""  # directory or glob for text_files; '' = this Python's stdlib sources
+    c.data = base.text_data()  # the tokenizer's specials follow its vocabulary; rows are [CLS] + 126 tokens + [SEP]
     c.data.validation_fraction = 0.2  # text_files: share of files held out (bert_classify's test files)
-    c.data.data_dir = ""  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
-    c.data.text_key = "text"
-    c.data.tokenizer = "byte"  # 'byte' or 'sentencepiece'; the specials follow its vocabulary
-    c.data.spm_vocab_size = 4096
-    c.data.seq_len = 128  # [CLS] + 126 tokens + [SEP]
     c.data.mask_rate = 0.15  # share of tokens predicted
     c.data.mask_token_fraction = 0.8  # of those, replaced by [MASK]
     c.data.random_token_fraction = 0.1  # of those, replaced by a random id (the rest are kept)
-    c.data.prefetch = 0
 
-    c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # post-LN: at 2e-3 and above small runs can stall at chance
     c.optim.warmup_steps = 100
-    c.optim.decay_steps = 0  # 0 = train.steps
-    c.optim.end_lr_ratio = 0.1
     c.optim.weight_decay = 0.01
-    c.optim.b1 = 0.9
     c.optim.b2 = 0.98  # RoBERTa's, steadier than 0.999 for short runs
     c.optim.eps = 1e-6
-    c.optim.grad_clip = 1.0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 800
     c.train.batch_size = 64
-    c.train.grad_accum = 1
-    c.train.on_nonfinite = "halt"
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every = 200
-    c.eval.batch_size = 64
-    c.eval.num_batches = 16
-
-    c.checkpoint = ml_collections.ConfigDict()
+    c.eval.update(every=200, batch_size=64, num_batches=16)
     c.checkpoint.every = 200
-    c.checkpoint.keep = 2
-    c.checkpoint.async_save = True
-    c.checkpoint.on_error = "stop"
-
-    c.log = ml_collections.ConfigDict()
     c.log.every = 25
-    c.log.progress = True
-
-    c.init = ml_collections.ConfigDict()
-    c.init.workdir = ""
-    c.init.params = ()
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.expert = 1  # data parallel outside mixture-of-experts layers
-    c.mesh.sequence = 1  # splits activations along the sequence
-    c.mesh.tensor = 1
-    c.mesh.slices = 1  # > 1: that many slices/nodes joined over DCN along dcn_axis
-    c.mesh.dcn_axis = "data"
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = sharding.DEFAULT_RULES
-    c.sharding.zero1 = False  # True: Adam's moments split over 'data' (ZeRO-1)
 
     if arg == "tiny":
         tiny_model(c.model)
         c.data.seq_len = 32
-        c.optim.warmup_steps = 3
-        c.train.steps = 10
-        c.train.batch_size = 8
-        c.eval.every = 5
-        c.eval.batch_size = 8
-        c.eval.num_batches = 2
-        c.checkpoint.every = 5
-        c.log.every = 5
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} for bert_stdlib; use ':tiny' or nothing")
+        base.tiny(c, steps=10, batch_size=8, warmup_steps=3, every=5, log_every=5, eval_batches=2)
     return c
 
 

@@ -19,16 +19,20 @@ analysis counts the time loop's body once.
 Variants:  ':tiny' runs in seconds (used by the tests).
 """
 
+import pathlib
+
 import ml_collections
 
 from bigmodel import config as config_lib
 from bigmodel.models import rnn
 
+base = config_lib.experiment_module(pathlib.Path(__file__).with_name("base.py"))
+VARIANTS = ("", "tiny")
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """Config for the default run, or the ':tiny' variant."""
-    if arg not in ("", "tiny"):
-        raise ValueError(f"unknown variant {arg!r} for lstm_stdlib; use ':tiny' or nothing")
+    base.check_variant(__file__, arg, VARIANTS)
     c = config_lib.sibling_config(__file__, "gpt_tiny.py", arg)
     model = rnn.model_config("tiny" if arg == "tiny" else "small")
     model.cell = "lstm"

@@ -23,133 +23,55 @@ Any TFDS image dataset also works by overriding the data and the model's shape, 
 (a mismatch of classes, channels or image size is refused with the key to set).
 """
 
+import pathlib
+
 import ml_collections
 
-from bigmodel import sharding
+from bigmodel import config as config_lib
 from bigmodel.models import resnet
+
+base = config_lib.experiment_module(pathlib.Path(__file__).with_name("base.py"))
+VARIANTS = ("", "tiny", "mnist", "cifar10", "imagenet2012")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """Config for the default run, or the ':tiny', ':mnist', ':cifar10', ':imagenet2012' variants."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    base.check_variant(__file__, arg, VARIANTS)
+    c = base.config()
     c.task = "classify"
     c.model = resnet.model_config("tiny")  # 3 stages of one basic block, widths 16/32/64
     c.model.num_channels = 1
+    c.data = base.image_data()
 
-    c.data = ml_collections.ConfigDict()
-    c.data.kind = "image"
-    c.data.name = "digits"  # scikit-learn's bundled digits, or a TFDS name: 'mnist', 'cifar10', 'imagenet2012'
-    c.data.data_dir = ""  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.image_key = "image"  # TFDS feature names
-    c.data.label_key = "label"
-    c.data.mean = ()  # per-channel normalisation of [0, 1] pixels; () = the dataset's own statistics
-    c.data.std = ()
-    c.data.crop_padding = 1  # random translation by up to this many pixels (pad-and-crop); 0 = off
-    c.data.flip = False  # random horizontal flips (never for digits)
-    c.data.random_resized_crop = False  # Inception-style crops (ImageNet) instead of pad-and-crop
-    c.data.threads = 1  # threads preparing training batches; 0 = in the training loop
-    c.data.prefetch = 2  # training batches prepared ahead (with threads > 0)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 3e-3
-    c.optim.warmup_steps = 50
-    c.optim.decay_steps = 0  # 0 = train.steps
-    c.optim.end_lr_ratio = 0.01
-    c.optim.weight_decay = 0.05
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.grad_clip = 1.0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 600
-    c.train.batch_size = 64
-    c.train.grad_accum = 1
-    c.train.on_nonfinite = "halt"  # 'halt' names the step and stops; 'skip' drops that update and counts it
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every = 200
-    c.eval.batch_size = 128
-    c.eval.num_batches = 0  # 0 = the whole test split (last batch padded and masked)
-
-    c.checkpoint = ml_collections.ConfigDict()
+    c.optim.update(end_lr_ratio=0.01, weight_decay=0.05, b2=0.999)
+    c.train.update(steps=600, batch_size=64)
+    c.eval.update(every=200, batch_size=128, num_batches=0)  # 0 = the whole test split (last batch padded and masked)
     c.checkpoint.every = 200
-    c.checkpoint.keep = 2
-    c.checkpoint.async_save = True
-    c.checkpoint.on_error = "stop"  # 'stop' or 'continue' (warn and retry at the next save)
-
-    c.log = ml_collections.ConfigDict()
-    c.log.every = 20
-    c.log.progress = True
-
-    c.init = ml_collections.ConfigDict()
-    c.init.workdir = ""  # start from another run's latest checkpoint (fine-tuning)
-    c.init.params = ()  # top-level parameter names to copy from it; () = all
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.expert = 1  # data parallel outside mixture-of-experts layers
-    c.mesh.sequence = 1  # splits activations along the sequence
-    c.mesh.tensor = 1
-    c.mesh.slices = 1  # > 1: that many slices/nodes joined over DCN along dcn_axis
-    c.mesh.dcn_axis = "data"
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = sharding.DEFAULT_RULES
-    c.sharding.zero1 = False  # True: Adam's moments split over 'data' (ZeRO-1)
 
     if arg == "tiny":
         c.model.stage_sizes = (1, 1)  # still a strided block with a projection shortcut
-        c.train.steps = 6
-        c.train.batch_size = 16
-        c.optim.warmup_steps = 2
-        c.eval.every = 3
-        c.eval.batch_size = 64
-        c.checkpoint.every = 3
-        c.log.every = 3
+        base.tiny(c, steps=6, batch_size=16, warmup_steps=2, every=3, log_every=3, eval_batch_size=64)
     elif arg == "mnist":
         c.data.name = "mnist"
         c.data.crop_padding = 3
         c.model.image_size = 28
-        c.train.steps = 3000
-        c.train.batch_size = 128
-        c.eval.every = 1000
-        c.eval.batch_size = 500
+        c.train.update(steps=3000, batch_size=128)
+        c.eval.update(every=1000, batch_size=400)  # 25 batches of the 10,000 test images, on 1, 2, 4, 8 or 16 devices
         c.checkpoint.every = 1000
     elif arg == "cifar10":
-        c.data.name = "cifar10"
-        c.data.crop_padding = 4
-        c.data.flip = True
+        c.data.update(name="cifar10", crop_padding=4, flip=True)
         c.model = resnet.model_config("cifar18")  # ResNet-18 with the 3×3 stem, 32×32 inputs
-        c.optim.learning_rate = 2e-3
-        c.optim.warmup_steps = 500
-        c.train.steps = 20_000  # ~51 epochs
-        c.train.batch_size = 128
-        c.eval.every = 2000
-        c.eval.batch_size = 500
+        c.optim.update(learning_rate=2e-3, warmup_steps=500)
+        c.train.update(steps=20_000, batch_size=128)  # ~51 epochs
+        c.eval.update(every=2000, batch_size=400)
         c.checkpoint.every = 2000
     elif arg == "imagenet2012":
-        c.data.name = "imagenet2012"
-        c.data.eval_split = "validation"
-        c.data.crop_padding = 0
-        c.data.flip = True
-        c.data.random_resized_crop = True
-        c.data.threads = 16
-        c.data.prefetch = 32
+        c.data.update(name="imagenet2012", eval_split="validation", crop_padding=0, flip=True, random_resized_crop=True,
+                      threads=16, prefetch=32)
         c.model = resnet.model_config("50")  # ImageNet stem, 224×224, 1000 classes
-        c.optim.learning_rate = 2e-3
-        c.optim.warmup_steps = 5000
-        c.optim.weight_decay = 0.05
-        c.train.steps = 450_000  # ~90 epochs
-        c.train.batch_size = 256
-        c.eval.every = 10_000
-        c.eval.batch_size = 500
+        c.optim.update(learning_rate=2e-3, warmup_steps=5000)
+        c.train.update(steps=450_000, batch_size=256)  # ~90 epochs
+        c.eval.update(every=10_000, batch_size=400)  # 125 batches of the 50,000 validation images
         c.checkpoint.every = 5000
         c.log.every = 100
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} for resnet_digits; use ':tiny', ':mnist', ':cifar10', "
-                         "':imagenet2012' or nothing")
     return c

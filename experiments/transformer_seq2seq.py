@@ -27,16 +27,21 @@ and targets; BLEU is then sacrebleu's standard 13a-tokenised corpus BLEU.
 Variants:  ':tiny' runs in seconds (used by the tests); ':wmt' as above.
 """
 
+import pathlib
+
 import ml_collections
 
-from bigmodel import sharding
+from bigmodel import config as config_lib
 from bigmodel.models import transformer
+
+base = config_lib.experiment_module(pathlib.Path(__file__).with_name("base.py"))
+VARIANTS = ("", "tiny", "wmt")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """Config for the default run, or the ':tiny' / ':wmt' variants."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    base.check_variant(__file__, arg, VARIANTS)
+    c = base.config()
     c.task = "seq2seq"
     c.model = transformer.model_config("tiny")
     c.model.vocab_size = 16  # the character vocabulary has 14 ids
@@ -62,70 +67,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.spm_vocab_size = 32000  # translation: SentencePiece BPE shared by both languages
     c.data.prefetch = 0  # batches prefetched by a background thread
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 3e-3
-    c.optim.warmup_steps = 100
-    c.optim.decay_steps = 0  # 0 = train.steps
-    c.optim.end_lr_ratio = 0.05
-    c.optim.weight_decay = 0.01
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.98
-    c.optim.eps = 1e-9
-    c.optim.grad_clip = 1.0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 5000
-    c.train.batch_size = 128
-    c.train.grad_accum = 1
-    c.train.on_nonfinite = "halt"  # 'halt' names the step and stops; 'skip' drops that update and counts it
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every = 1000
-    c.eval.batch_size = 256
-    c.eval.num_batches = 4  # 1024 distinct held-out problems
-
-    c.checkpoint = ml_collections.ConfigDict()
+    c.optim.update(warmup_steps=100, end_lr_ratio=0.05, weight_decay=0.01, b2=0.98, eps=1e-9)
+    c.train.update(steps=5000, batch_size=128)
+    c.eval.update(every=1000, batch_size=256, num_batches=4)  # 1024 distinct held-out problems
     c.checkpoint.every = 1000
-    c.checkpoint.keep = 2
-    c.checkpoint.async_save = True
-    c.checkpoint.on_error = "stop"  # 'stop' or 'continue' (warn and retry at the next save)
-
-    c.log = ml_collections.ConfigDict()
     c.log.every = 100
-    c.log.progress = True
-
-    c.init = ml_collections.ConfigDict()
-    c.init.workdir = ""  # start from another run's latest checkpoint (fine-tuning)
-    c.init.params = ()  # top-level parameter names to copy from it; () = all
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.expert = 1  # data parallel outside mixture-of-experts layers
-    c.mesh.sequence = 1  # splits activations along the sequence
-    c.mesh.tensor = 1
-    c.mesh.slices = 1  # > 1: that many slices/nodes joined over DCN along dcn_axis
-    c.mesh.dcn_axis = "data"
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = sharding.DEFAULT_RULES
-    c.sharding.zero1 = False  # True: Adam's moments split over 'data' (ZeRO-1)
 
     if arg == "tiny":
-        c.model.d_model = 32
-        c.model.num_heads = 2
-        c.model.d_ff = 64
-        c.model.num_layers = 1
-        c.data.max_digits = 2
-        c.data.source_len = 5
-        c.data.target_len = 4
-        c.optim.warmup_steps = 2
-        c.train.steps = 6
-        c.train.batch_size = 16
-        c.eval.every = 6
-        c.eval.batch_size = 16
-        c.eval.num_batches = 1
-        c.checkpoint.every = 6
-        c.log.every = 2
+        c.model.update(d_model=32, num_heads=2, d_ff=64, num_layers=1)
+        c.data.update(max_digits=2, source_len=5, target_len=4)
+        base.tiny(c, steps=6, batch_size=16, warmup_steps=2, every=6, log_every=2, eval_batches=1)
     elif arg == "wmt":
         c.model = transformer.model_config("base")
         c.model.vocab_size = 32000
@@ -133,16 +84,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.data.source_len = 64
         c.data.target_len = 64
         c.data.eval_split = "test"  # newstest2014
-        c.optim.learning_rate = 7e-4
-        c.optim.warmup_steps = 4000
-        c.optim.weight_decay = 0.0
-        c.train.steps = 100_000
-        c.train.batch_size = 256
-        c.eval.every = 5000
-        c.eval.batch_size = 64
-        c.eval.num_batches = 16
+        c.optim.update(learning_rate=7e-4, warmup_steps=4000, weight_decay=0.0)
+        c.train.update(steps=100_000, batch_size=256)
+        c.eval.update(every=5000, batch_size=64, num_batches=16)
         c.checkpoint.every = 5000
-        c.log.every = 100
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} for transformer_seq2seq; use ':tiny', ':wmt' or nothing")
     return c

@@ -38,10 +38,16 @@ read the exponents as local slopes with the standard errors beside them.
 Variants:  ':tiny' two one-layer widths × one budget of 8 steps per family (the tests).
 """
 
+import pathlib
+
 import ml_collections
 
 from bigmodel import config as config_lib
 from bigmodel.models import gpt, rnn
+
+base = config_lib.experiment_module(pathlib.Path(__file__).parents[1] / "base.py")
+VARIANTS = ("", "tiny")
+
 
 def _family(model: ml_collections.ConfigDict, **sweep: object) -> ml_collections.ConfigDict:
     overlay = ml_collections.ConfigDict()
@@ -53,8 +59,7 @@ def _family(model: ml_collections.ConfigDict, **sweep: object) -> ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """GPT-2, Llama-style, MoE and LSTM families on one ladder."""
-    if arg not in ("", "tiny"):
-        raise ValueError(f"unknown variant {arg!r} for architectures; use ':tiny' or nothing")
+    base.check_variant(__file__, arg, VARIANTS)
     c = config_lib.sibling_config(__file__, "gpt_stdlib.py", arg)
     c.sweep.families = ("gpt", "llama", "moe", "lstm")
     if not arg:

@@ -27,80 +27,33 @@ Variants:  ':isoflop' three compute budgets (5e11, 1.5e12, 4.5e12 FLOPs = 6ND) o
            it end to end with --config.base.data.source pointing at a small corpus).
 """
 
+import pathlib
+
 import ml_collections
 
-from bigmodel import sharding
+from bigmodel import config as config_lib
 from bigmodel.models import gpt
+
+base = config_lib.experiment_module(pathlib.Path(__file__).parents[1] / "base.py")
+VARIANTS = ("", "tiny", "isoflop")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The training config every run starts from (the groups of experiments/gpt_tiny.py)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    """The training config every run starts from (experiments/base.py's groups, gpt_tiny's model and data)."""
+    c = base.config()
     c.task = "lm"
     c.model = gpt.model_config("tiny")  # width, depth and heads are set per run by the ladder
     c.model.max_len = 128
+    c.data = base.text_data()
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "text_files"
-    c.data.source = ""  # '' = this Python's stdlib sources
-    c.data.validation_fraction = 0.05
-    c.data.data_dir = ""  # TFDS default (~/tensorflow_datasets)
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
-    c.data.text_key = "text"
-    c.data.tokenizer = "byte"
-    c.data.spm_vocab_size = 4096
-    c.data.seq_len = 128
-    c.data.prefetch = 0
-
-    c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-3  # at sweep.base_width; other widths scale it
     c.optim.warmup_steps = 20  # replaced by sweep.warmup_fraction
-    c.optim.decay_steps = 0  # the sweep ends every schedule at its run's last step
-    c.optim.end_lr_ratio = 0.1
-    c.optim.weight_decay = 0.1
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.eps = 1e-8
-    c.optim.grad_clip = 1.0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 100  # set per run from its token budget
-    c.train.batch_size = 32
-    c.train.grad_accum = 1
-    c.train.on_nonfinite = "halt"
-
-    c.eval = ml_collections.ConfigDict()
+    c.train.steps = 100  # set per run from its token budget (optim.decay_steps 0: each schedule ends there)
     c.eval.every = 200  # and always at a run's last step (the loss in results.csv)
-    c.eval.batch_size = 32
     c.eval.num_batches = 16  # 65k validation tokens
-
-    c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 200
     c.checkpoint.keep = 1
-    c.checkpoint.async_save = True
-    c.checkpoint.on_error = "stop"
-
-    c.log = ml_collections.ConfigDict()
-    c.log.every = 20
     c.log.progress = False
-
-    c.init = ml_collections.ConfigDict()
-    c.init.workdir = ""  # every sweep run starts from scratch
-    c.init.params = ()
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.expert = 1  # data parallel outside mixture-of-experts layers
-    c.mesh.sequence = 1  # splits activations along the sequence
-    c.mesh.tensor = 1
-    c.mesh.slices = 1  # > 1: that many slices/nodes joined over DCN along dcn_axis
-    c.mesh.dcn_axis = "data"
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = sharding.DEFAULT_RULES
-    c.sharding.zero1 = False  # True: Adam's moments split over 'data' (ZeRO-1)
     return c
 
 
@@ -127,6 +80,7 @@ def sweep_config() -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """The sweep config: base training config, plan, and (no) extra families."""
+    base.check_variant(__file__, arg, VARIANTS)
     c = ml_collections.ConfigDict()
     c.base = base_config()
     c.sweep = sweep_config()
@@ -136,14 +90,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     elif arg == "tiny":
         # Seconds per run, dominated by start-up and compilation; steps are nearly free.
         c.base.data.seq_len = 64
-        c.base.train.batch_size = 8
         c.base.optim.learning_rate = 1e-2
-        c.base.eval.batch_size = 8
-        c.base.eval.num_batches = 2
-        c.base.eval.every = 48
-        c.base.checkpoint.every = 48
+        base.tiny(c.base, batch_size=8, every=48, log_every=8, eval_batches=2)  # steps and warmup are per run
         c.base.checkpoint.async_save = False
-        c.base.log.every = 8
         c.sweep.widths = (16, 32, 64)
         c.sweep.num_layers = 1
         c.sweep.head_dim = 16
@@ -155,6 +104,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.sweep.warmup_fraction = 0.25
         c.sweep.fit_starts = "small"
         c.sweep.fit_bootstrap = 0
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} for gpt_stdlib; use ':tiny', ':isoflop' or nothing")
     return c

@@ -23,16 +23,20 @@ vocabulary-sized matrix.
 Variants:  ':tiny' 3 one-layer widths × 1 budget per family on the small-corpus settings.
 """
 
+import pathlib
+
 import ml_collections
 
 from bigmodel import config as config_lib
 from bigmodel.models import rnn
 
+base = config_lib.experiment_module(pathlib.Path(__file__).parents[1] / "base.py")
+VARIANTS = ("", "tiny")
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """GPT and LSTM on the gpt_stdlib ladder, one token budget."""
-    if arg not in ("", "tiny"):
-        raise ValueError(f"unknown variant {arg!r} for transformer_vs_lstm; use ':tiny' or nothing")
+    base.check_variant(__file__, arg, VARIANTS)
     c = config_lib.sibling_config(__file__, "gpt_stdlib.py", arg)
     c.sweep.families = ("gpt", "lstm")
     c.sweep.tokens = c.sweep.tokens[-1:]  # one budget: L(N) at fixed data, as in the figure
