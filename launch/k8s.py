@@ -10,7 +10,9 @@ NAME). Every pod gets
 
 which bigmodel.distributed reads. A failed pod fails the JobSet, which then restarts all
 pods together (up to --max-restarts times); they resume from the newest checkpoint, so
-the workdir must be shared storage (--pvc, or a bucket mounted by the image).
+the workdir must be shared storage (--pvc, or a bucket mounted by the image). pod_spec,
+indexed_job_spec, job and to_yaml also write the indexed Job of `bigmodel sweep --emit k8s`
+(bigmodel.scaling.emit).
 """
 
 from __future__ import annotations
@@ -29,11 +31,36 @@ from bigmodel.launch import parse_env, train_command
 from bigmodel.launch.tpu_vm import check_topology, tpu_slice
 
 REPLICATED_JOB = "workers"
+# On TERM (node drain, preemption) `bigmodel train` checkpoints before it exits: give it time.
+TERMINATION_GRACE_S = 120
 
 
 def coordinator_address(name: str, port: int) -> str:
     """DNS name and port of pod 0 of the JobSet `name`."""
     return f"{name}-{REPLICATED_JOB}-0-0.{name}:{port}"
+
+
+def pod_spec(containers: list[dict[str, Any]], volumes: list[dict[str, Any]] | None = None,
+             node_selector: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A pod spec whose pods are replaced rather than restarted in place and get time to checkpoint on TERM."""
+    spec: dict[str, Any] = {"restartPolicy": "Never", "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+                            "containers": containers}
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if volumes:
+        spec["volumes"] = volumes
+    return spec
+
+
+def indexed_job_spec(pod: dict[str, Any], completions: int, parallelism: int, backoff_limit: int) -> dict[str, Any]:
+    """A Job spec with one completion index per pod (the index annotation, JOB_COMPLETION_INDEX in the pod)."""
+    return {"parallelism": parallelism, "completions": completions, "completionMode": "Indexed",
+            "backoffLimit": backoff_limit, "template": {"spec": pod}}
+
+
+def job(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A batch/v1 Job manifest."""
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": dict(spec)}
 
 
 def jobset(*, name: str, image: str, config: str, workdir: str, overrides: Sequence[str], nodes: int = 1,
@@ -89,13 +116,6 @@ def jobset(*, name: str, image: str, config: str, workdir: str, overrides: Seque
     if not container["volumeMounts"]:
         del container["volumeMounts"]
 
-    # On TERM (node drain, preemption) `bigmodel train` checkpoints before it exits: give it time.
-    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "terminationGracePeriodSeconds": 120,
-                                "containers": [container]}
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    if volumes:
-        pod_spec["volumes"] = volumes
     metadata: dict[str, Any] = {"name": name, **({"annotations": annotations} if annotations else {})}
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
@@ -108,13 +128,8 @@ def jobset(*, name: str, image: str, config: str, workdir: str, overrides: Seque
             "replicatedJobs": [{
                 "name": REPLICATED_JOB,
                 "replicas": 1,
-                "template": {"spec": {
-                    "parallelism": pods,
-                    "completions": pods,
-                    "completionMode": "Indexed",
-                    "backoffLimit": 0,  # no per-pod retries: the JobSet restarts all pods together
-                    "template": {"spec": pod_spec},
-                }},
+                # No per-pod retries (backoffLimit 0): the JobSet restarts all pods together.
+                "template": {"spec": indexed_job_spec(pod_spec([container], volumes, node_selector), pods, pods, 0)},
             }],
         },
     }

@@ -4,7 +4,8 @@ The tasks find their rank, the task count and the coordinator (the step's first 
 the SLURM_* variables (bigmodel.distributed). Before the time limit Slurm sends the tasks
 TERM; `bigmodel train` then checkpoints and exits with status 75, and the script requeues
 the job, which resumes from that checkpoint. Jobs preempted by Slurm itself are requeued
-by Slurm (`--requeue`) and resume the same way.
+by Slurm (`--requeue`) and resume the same way. `batch_script` and `resumable_directives`
+also write the job arrays of `bigmodel sweep --emit slurm` (bigmodel.scaling.emit).
 """
 
 from __future__ import annotations
@@ -27,6 +28,41 @@ STOP_WAIT_S = 60
 PREEMPTED = 75  # exit status of `bigmodel train` stopped by TERM after checkpointing (train.PREEMPTED_EXIT_CODE)
 
 
+def resumable_directives() -> list[str]:
+    """sbatch directives of a job that checkpoints on notice and requeues itself (see batch_script)."""
+    return [
+        "--open-mode=append",  # a requeued job adds to the same log
+        "--requeue",
+        f"--signal=TERM@{NOTICE_S}",  # to every task (not the batch shell): checkpoint and stop
+    ]
+
+
+def batch_script(*, title: str, directives: Sequence[str], notes: Sequence[str], setup: Sequence[str], step: str,
+                 job: str = "$SLURM_JOB_ID") -> str:
+    """An sbatch script that runs `step` (an srun line) and requeues `job` when the step exits with PREEMPTED.
+
+    title and notes become comment lines; setup lines (environment) run before the step. The
+    step runs under srun because `--signal` reaches job steps, not the batch shell.
+    """
+    return "\n".join([
+        "#!/bin/bash",
+        f"# {title}",
+        *(f"#SBATCH {d}" for d in directives),
+        "",
+        *(f"# {note}" for note in notes),
+        *setup,
+        "",
+        step,
+        "status=$?",
+        f"# {PREEMPTED} = stopped early (time limit or preemption notice) after a checkpoint: run again.",
+        f"if [ $status -eq {PREEMPTED} ]; then",
+        f"  echo \"bigmodel: checkpointed before the end of the allocation; requeueing job {job}\"",
+        f"  scontrol requeue \"{job}\"",
+        "fi",
+        "exit $status",
+    ]) + "\n"
+
+
 def sbatch_script(*, config: str, workdir: str, overrides: Sequence[str], nodes: int, gpus_per_node: int = 0,
                   tasks_per_node: int = 1, cpus_per_task: int | None = None, partition: str | None = None,
                   time: str | None = None, account: str | None = None, job_name: str | None = None,
@@ -46,40 +82,21 @@ def sbatch_script(*, config: str, workdir: str, overrides: Sequence[str], nodes:
     directives += [f"--partition={partition}"] if partition else []
     directives += [f"--account={account}"] if account else []
     directives += [f"--time={time}"] if time else []
-    directives += [
-        f"--chdir={chdir or os.getcwd()}",
-        f"--output={workdir}/launch/slurm-%j.out",
-        "--open-mode=append",  # a requeued job adds to the same log
-        "--requeue",
-        f"--signal=TERM@{NOTICE_S}",  # to every task (not the batch shell): checkpoint and stop
-    ]
+    directives += [f"--chdir={chdir or os.getcwd()}", f"--output={workdir}/launch/slurm-%j.out",
+                   *resumable_directives()]
     # --wait: once a task ends the others get that long to end too, then are killed; a task that
     # crashed thus stops the run, and tasks stopping together after a preemption checkpoint are
     # not cut short (--kill-on-bad-exit would treat the first exit status 75 as a failure).
     srun = ["srun", "--label", f"--wait={STOP_WAIT_S}", *train_command(config, workdir, overrides)]
-    lines = [
-        "#!/bin/bash",
-        f"# bigmodel training job (written by `bigmodel launch slurm`); submit: sbatch {workdir}/launch/slurm.sbatch",
-        *(f"#SBATCH {d}" for d in directives),
-        "",
-        f"# {nodes * tasks_per_node} process(es): each srun task runs `bigmodel train`, which takes its rank,",
-        "# the task count and the coordinator (the first node) from the SLURM_* variables.",
-    ]
-    if venv:
-        lines.append(f"source {shlex.quote(venv)}/bin/activate")
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
-    lines += [
-        "",
-        shlex.join(srun),
-        "status=$?",
-        f"# {PREEMPTED} = stopped early (time limit or preemption notice) after a checkpoint: run again.",
-        f"if [ $status -eq {PREEMPTED} ]; then",
-        "  echo \"bigmodel: checkpointed before the end of the allocation; requeueing job $SLURM_JOB_ID\"",
-        "  scontrol requeue \"$SLURM_JOB_ID\"",
-        "fi",
-        "exit $status",
-    ]
-    return "\n".join(lines) + "\n"
+    setup = [f"source {shlex.quote(venv)}/bin/activate"] if venv else []
+    setup += [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    script = f"{workdir}/launch/slurm.sbatch"
+    return batch_script(
+        title=f"bigmodel training job (written by `bigmodel launch slurm`); submit: sbatch {script}",
+        directives=directives,
+        notes=[f"{nodes * tasks_per_node} process(es): each srun task runs `bigmodel train`, which takes its rank,",
+               "the task count and the coordinator (the first node) from the SLURM_* variables."],
+        setup=setup, step=shlex.join(srun))
 
 
 def _venv() -> str | None:

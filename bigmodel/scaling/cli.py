@@ -14,15 +14,13 @@ the same `scaling` parser: add a function like `_add_fit` and call it from `regi
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 from bigmodel.scaling import fit as fitlib
-
-STARTS = {"hoffmann": fitlib.hoffmann_grid, "small": fitlib.small_grid}
+from bigmodel.scaling import output, powerlaws, results
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -113,10 +111,10 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=_non_negative_int, default=100, metavar="N",
                    help="bootstrap resamples for approach-3 intervals; 0 for none [default: %(default)s]")
     p.add_argument("--seed", type=int, default=0, help="bootstrap random seed [default: %(default)s]")
-    p.add_argument("--starts", choices=sorted(STARTS), default="hoffmann",
+    p.add_argument("--starts", choices=sorted(fitlib.STARTS), default="hoffmann",
                    help="approach-3 initialisations: Hoffmann et al.'s 4,500-point grid, or 32 "
                         "corners of it for a quick look [default: %(default)s]")
-    p.add_argument("--flops-rtol", type=_positive_float, default=fitlib.DEFAULT_FLOPS_RTOL,
+    p.add_argument("--flops-rtol", type=_positive_float, default=powerlaws.DEFAULT_FLOPS_RTOL,
                    metavar="R", help="runs whose flops differ by at most this fraction share an "
                                      "isoFLOP budget [default: %(default)s]")
     p.add_argument("--no-plots", action="store_true", help="write fit.json only")
@@ -150,23 +148,16 @@ def run_fit(args: argparse.Namespace) -> int:
     """Run `bigmodel scaling fit`; bad input exits with a one-line error."""
     t0 = time.perf_counter()
     try:
-        data = fitlib.read_results(args.results)
+        data = results.read_results(args.results)
         print(f"fitting {len(data)} runs from {args.results} ...", file=sys.stderr)
         report = fitlib.fit_all(
             data, budgets=args.budgets, n_bootstrap=args.bootstrap, seed=args.seed,
-            starts=STARTS[args.starts](), flops_rtol=args.flops_rtol, progress=True)
-    except fitlib.ScalingDataError as e:
+            starts=fitlib.STARTS[args.starts](), flops_rtol=args.flops_rtol, progress=True)
+    except results.ScalingDataError as e:
         raise SystemExit(f"bigmodel scaling fit: error: {e}") from None
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.no_plots:
-        from bigmodel.scaling import plot
-
-        report.plots = plot.plot_all(report, args.out)
-    result = report.to_json()
-    result["wall_time_s"] = round(time.perf_counter() - t0, 2)
-    (args.out / "fit.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(fitlib.format_report(report))
-    print(f"\nwrote {args.out / 'fit.json'} ({result['wall_time_s']:.1f} s)")
+    result = output.write_fit(report, args.out, plots=not args.no_plots, started=t0)
+    print(output.format_report(report))
+    print(f"\nwrote {args.out / output.FIT_JSON} ({result['wall_time_s']:.1f} s)")
     return 0
 
 

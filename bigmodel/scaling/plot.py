@@ -14,7 +14,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from bigmodel.scaling.fit import FitReport, approach3_residuals
+from bigmodel.scaling.fit import FitReport
+from bigmodel.scaling.laws import approach3_residuals
 
 DPI = 130
 LOSS_LABEL = "final validation loss (nats)"

@@ -1,18 +1,16 @@
-"""Reading a sweep directory: results.csv, live progress of running runs, the current fit, plots.
+"""Reading a sweep directory: live progress of running runs, the current fit, the sweep's plots.
 
     bigmodel scaling report DIR
 
 prints one line per planned run (finished, running with its step and ETA, failed with its
 error, planned) and the scaling fit of the finished runs; it only reads files, so it works
-while the sweep is still running. The same module writes results.csv atomically and draws
-the sweep's own plots (loss against parameters per budget, loss against compute per size,
-and model families overlaid).
+while the sweep is still running. The same module fits a sweep's finished rows into
+fit.json and draws the sweep's own plots (loss against parameters per budget, loss against
+compute per size, and model families overlaid). results.py owns results.csv itself.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -22,41 +20,13 @@ from pathlib import Path
 import numpy as np
 from typing import Any
 
-RESULTS = "results.csv"
-# `flops` is 6·N·D with N the active parameters counting embeddings (params_active = params
-# except for a mixture of experts); `flops_with_attention` is the trainer's count.
-COLUMNS = ("run", "model", "width", "depth", "params", "params_nonembed", "params_active", "tokens", "steps", "flops",
-           "flops_with_attention", "learning_rate", "budget_tokens", "budget_flops", "loss",
-           "bits_per_byte", "wall_s", "status", "error")
+from bigmodel.scaling import results
+from bigmodel.scaling.results import RESULTS, read_rows
+
 STATUSES = ("finished", "running", "failed", "planned")
-FIT_STARTS = ("hoffmann", "small")
 
 
 # --------------------------------------------------------------------------- the table
-
-
-def write_csv_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write rows as CSV via a temporary file and os.replace: readers never see a partial table."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="raise", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)  # formatting errors surface here, before the file is touched
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_rows(workdir: str | Path) -> list[dict[str, str]]:
-    """The rows of DIR/results.csv as written by `bigmodel sweep`."""
-    path = Path(workdir) / RESULTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; is {workdir} a sweep directory (bigmodel sweep --workdir)?")
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def duration(seconds: float) -> str:
@@ -167,17 +137,15 @@ def active_params(row: dict[str, Any]) -> float:
     return _num(row["params_active"]) if row.get("params_active", "") != "" else _num(row["params"])
 
 
-def _fit_dir(workdir: Path, family: str, families: Sequence[str]) -> Path:
+def fit_dir(workdir: Path, family: str, families: Sequence[str]) -> Path:
     """Where `bigmodel sweep` writes a family's fit: DIR/fit, or DIR/fit/FAMILY with several."""
     return workdir / "fit" if len(families) == 1 else workdir / "fit" / family
 
 
 def _scaling_data(rows: Sequence[dict[str, Any]]):
     """ScalingData (fit API) from finished rows; flops are the 6ND column."""
-    from bigmodel.scaling import fit as fitlib
-
     family = rows[0]["model"] if rows else "?"
-    return fitlib.from_arrays([active_params(r) for r in rows], [_num(r["tokens"]) for r in rows],
+    return results.from_arrays([active_params(r) for r in rows], [_num(r["tokens"]) for r in rows],
                               [_num(r["loss"]) for r in rows], [_num(r["flops"]) for r in rows],
                               source=f"{RESULTS} ({family}, finished runs)")
 
@@ -185,27 +153,23 @@ def _scaling_data(rows: Sequence[dict[str, Any]]):
 def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffmann", n_bootstrap: int = 100) -> str:
     """Fit finished rows and write outdir/fit.json with the fit plots; returns a one-line outcome."""
     from bigmodel.scaling import fit as fitlib
-    from bigmodel.scaling import plot
+    from bigmodel.scaling import laws, output
 
-    if starts not in FIT_STARTS:
-        raise ValueError(f"config.sweep.fit_starts={starts!r}; use one of {FIT_STARTS}")
-    if len(rows) < fitlib.MIN_POINTS_APPROACH3:
-        return f"skipped: {len(rows)} finished runs; approach 3 needs {fitlib.MIN_POINTS_APPROACH3}"
+    if starts not in fitlib.STARTS:
+        raise ValueError(f"config.sweep.fit_starts={starts!r}; use one of {tuple(fitlib.STARTS)}")
+    if len(rows) < laws.MIN_POINTS_APPROACH3:
+        return f"skipped: {len(rows)} finished runs; approach 3 needs {laws.MIN_POINTS_APPROACH3}"
     try:
         data = _scaling_data(rows)
-        grid = fitlib.hoffmann_grid() if starts == "hoffmann" else fitlib.small_grid()
-        result = fitlib.fit_all(data, n_bootstrap=n_bootstrap, starts=grid)
-    except fitlib.ScalingDataError as e:
+        result = fitlib.fit_all(data, n_bootstrap=n_bootstrap, starts=fitlib.STARTS[starts]())
+    except results.ScalingDataError as e:
         return f"skipped: {e}"
     except ArithmeticError as e:  # an optimum at absurd parameters (too few or too noisy runs)
         return f"failed: the approach-3 optimiser diverged ({e}); add runs or budgets"
-    outdir.mkdir(parents=True, exist_ok=True)
-    result.plots = plot.plot_all(result, outdir)
-    from bigmodel.metrics import atomic_write_text
-
-    atomic_write_text(outdir / "fit.json", json.dumps(result.to_json(), indent=2) + "\n")
+    output.write_fit(result, outdir)
     f3 = result.approach3
-    return f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}; wrote {outdir / 'fit.json'}"
+    return (f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}; "
+            f"wrote {outdir / output.FIT_JSON}")
 
 
 def summarize_fit(fit: dict[str, Any]) -> list[str]:
@@ -215,7 +179,8 @@ def summarize_fit(fit: dict[str, Any]) -> list[str]:
               f"alpha={a3['alpha']:.4g} beta={a3['beta']:.4g}; N_opt ~ C^{a3['a']:.3f}, "
               f"D_opt ~ C^{a3['b']:.3f} (RMS log residual {a3['rms_log_residual']:.3g})")]
     a2 = fit.get("approach2", {})
-    lines.append("  approach 2: " + (f"skipped ({a2['skipped']})" if "skipped" in a2 else f"a={a2['a']:.3f}, b={a2['b']:.3f}"))
+    lines.append("  approach 2: " + (f"skipped ({a2['skipped']})" if "skipped" in a2
+                                     else f"a={a2['a']:.3f}, b={a2['b']:.3f}"))
     for variable, k in fit.get("kaplan", {}).items():
         lines.append(f"  Kaplan L({variable}): " + (f"skipped ({k['skipped']})" if "skipped" in k
                                                     else f"alpha={k['alpha']:.4g}, x_c={k['x_c']:.3g}"))
@@ -225,23 +190,24 @@ def summarize_fit(fit: dict[str, Any]) -> list[str]:
 def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
     """Per family: the sweep's fit.json if it covers every finished run, else a quick fit now."""
     from bigmodel.scaling import fit as fitlib
+    from bigmodel.scaling import laws, output
 
     families = list(dict.fromkeys(r["model"] for r in rows))
     lines = []
     for family in families:
         finished = [r for r in rows if r["model"] == family and r["status"] == "finished"]
-        path = _fit_dir(workdir, family, families) / "fit.json"
+        path = fit_dir(workdir, family, families) / output.FIT_JSON
         saved = json.loads(path.read_text()) if path.is_file() else None
         if saved is not None and saved.get("n_points") == len(finished):
             lines += [f"fit of {family} ({path}, {len(finished)} runs):", *summarize_fit(saved)]
             continue
-        if len(finished) < fitlib.MIN_POINTS_APPROACH3:
+        if len(finished) < laws.MIN_POINTS_APPROACH3:
             lines.append(f"fit of {family}: not yet ({len(finished)} finished runs; "
-                         f"approach 3 needs {fitlib.MIN_POINTS_APPROACH3})")
+                         f"approach 3 needs {laws.MIN_POINTS_APPROACH3})")
             continue
         try:
-            quick = fitlib.fit_all(_scaling_data(finished), n_bootstrap=0, starts=fitlib.small_grid())
-        except fitlib.ScalingDataError as e:
+            quick = fitlib.fit_all(_scaling_data(finished), n_bootstrap=0, starts=fitlib.STARTS["small"]())
+        except results.ScalingDataError as e:
             lines.append(f"fit of {family}: not yet ({len(finished)} finished runs): {e}")
             continue
         except ArithmeticError as e:
@@ -249,7 +215,7 @@ def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
             continue
         lines.append(f"fit of {family} (quick look at {len(finished)} finished runs: 32 starts, "
                      "no bootstrap; the sweep writes the full fit when it ends):")
-        lines += summarize_fit(quick.to_json())
+        lines += summarize_fit(output.fit_json(quick))
     return lines
 
 
@@ -313,7 +279,8 @@ def plot_loss_vs_params(rows: Sequence[dict[str, Any]], path: Path, x: str = "pa
     label = "parameters N (with embeddings)" if x == "params" else "non-embedding parameters"
     fig, ax = _axes("Loss against model size per budget", label)
     budgets = sorted({_budget(r) for r in rows}, key=lambda b: b[1])
-    colours = {b: colormaps["viridis"](v) for b, v in zip(budgets, [i / max(len(budgets) - 1, 1) * 0.85 for i in range(len(budgets))])}
+    shades = [i / max(len(budgets) - 1, 1) * 0.85 for i in range(len(budgets))]
+    colours = {b: colormaps["viridis"](v) for b, v in zip(budgets, shades)}
     families = list(dict.fromkeys(r["model"] for r in rows))
     for (family, budget), group in _groups(rows, lambda r: (r["model"], _budget(r))).items():
         group = sorted(group, key=lambda r: _num(r[x]))
@@ -354,7 +321,7 @@ def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     C is the flops column (6·N_active·D), so mixtures of experts are charged for the
     experts a token uses, not for all of them.
     """
-    from bigmodel.scaling import fit as fitlib
+    from bigmodel.scaling import powerlaws
 
     groups = _groups(rows, lambda r: r["model"])
     common = min(max(_num(r["flops"]) for r in g) for g in groups.values())
@@ -366,13 +333,13 @@ def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "params_active": int(active_params(largest)), "common_flops": common,
             "loss_at_common_flops": min(_num(r["loss"]) for r in group if _num(r["flops"]) <= common * (1 + 1e-9)),
         }
-        data = fitlib.from_arrays([active_params(r) for r in group], [_num(r["tokens"]) for r in group],
+        data = results.from_arrays([active_params(r) for r in group], [_num(r["tokens"]) for r in group],
                                   [_num(r["loss"]) for r in group], [_num(r["flops"]) for r in group], source=family)
         try:
-            law = fitlib.fit_kaplan(data, "flops")
+            law = powerlaws.fit_kaplan(data, "flops")
             entry.update(alpha_c=law.alpha, alpha_c_se=law.alpha_se, c_c=law.x_c,
                          envelope=[int(i) for i in law.envelope])
-        except fitlib.NotSupported as e:
+        except results.NotSupported as e:
             entry["alpha_c"] = f"skipped: {e}"
         table.append(entry)
     return table

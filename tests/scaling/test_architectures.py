@@ -9,13 +9,13 @@ import pytest
 from conftest import REPO, SMALL_CORPUS
 
 from bigmodel import cli
-from bigmodel.scaling import report, sweep
+from bigmodel.scaling import plan, report, results
 
 ARCHITECTURES = str(REPO / "experiments" / "scaling" / "architectures.py")
 
 
 def test_plan_has_four_families_and_charges_moe_its_active_parameters():
-    runs = sweep.load(ARCHITECTURES, [], "unused", num_devices=1).runs
+    runs = plan.load(ARCHITECTURES, [], "unused", num_devices=1).runs
     assert [r.family for r in runs[::6]] == ["gpt", "llama", "moe", "lstm"] and len(runs) == 24
     by = {(r.family, r.width, r.tokens): r for r in runs}
     for (family, width, tokens), r in by.items():
@@ -64,7 +64,7 @@ def test_tiny_architectures_sweep_end_to_end(tmp_path, data_dir, monkeypatch):
             "--devices", "1", f"--config.base.data.source={SMALL_CORPUS}",
             "--config.base.data.validation_fraction=0.2", f"--config.base.data.data_dir={data_dir}"]
     assert cli.main(args) == 0
-    rows = report.read_rows(tmp_path)
+    rows = results.read_rows(tmp_path)
     assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
     moe = [r for r in rows if r["model"] == "moe"]
     assert all(int(r["params_active"]) < int(r["params"]) for r in moe)

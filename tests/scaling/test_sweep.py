@@ -6,23 +6,27 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, SMALL_CORPUS
 
 from bigmodel import cli
 from bigmodel import config as config_lib
-from bigmodel.scaling import report, sweep
+from bigmodel.scaling import plan as planning
+from bigmodel.scaling import report, results, runner
 
 GPT_STDLIB = str(REPO / "experiments" / "scaling" / "gpt_stdlib.py")
 VS_LSTM = str(REPO / "experiments" / "scaling" / "transformer_vs_lstm.py")
 FAIL_RUN = "gpt_w32_l1_t25k"
 
 
-def plan(spec: str, *overrides: str, devices: int = 1) -> list[sweep.Run]:
+def plan(spec: str, *overrides: str, devices: int = 1) -> list[planning.Run]:
     """The planned runs of a sweep config for runs that see `devices` devices."""
-    return sweep.load(spec, list(overrides), "unused", num_devices=devices).runs
+    return planning.load(spec, list(overrides), "unused", num_devices=devices).runs
 
 
 # --------------------------------------------------------------------------- planning
@@ -95,8 +99,8 @@ def test_families_share_the_ladder():
 
 
 def test_run_config_file_reproduces_the_run(tmp_path):
-    s = sweep.load(GPT_STDLIB + ":tiny", [], tmp_path, num_devices=1)
-    sweep.write_run_files(s)
+    s = planning.load(GPT_STDLIB + ":tiny", [], tmp_path, num_devices=1)
+    runner.write_run_files(s)
     for run in s.runs:
         loaded = config_lib.load(str(tmp_path / "runs" / run.id / "run_config.py"))
         assert loaded.to_dict() == run.config.to_dict()
@@ -107,19 +111,31 @@ def test_emit_slurm_and_k8s(tmp_path, capsys):
             "--config.base.train.batch_size=16", "--parallel", "2"]
     assert cli.main(args + ["--emit", "slurm"]) == 0
     script = (tmp_path / "sweep.slurm").read_text()
-    assert "#SBATCH --array=0-5%2" in script
-    assert '--only "$SLURM_ARRAY_TASK_ID"' in script and "--config.base.train.batch_size=16" in script
+    directives = re.findall(r"^#SBATCH (\S+)$", script, re.M)
+    assert directives[:3] == ["--job-name=sweep-gpt_stdlib", "--array=0-5%2", "--ntasks=1"]
+    # Resumable as a launched job is: TERM to the step before the limit, requeue, appended logs.
+    assert {"--requeue", "--signal=TERM@120", "--open-mode=append",
+            f"--output={tmp_path.resolve()}/slurm/%A_%a.out"} <= set(directives)
+    task = f'bigmodel sweep --config {GPT_STDLIB}:tiny --workdir {tmp_path.resolve()} --only "$SLURM_ARRAY_TASK_ID"'
+    assert f"\nsrun {task} --config.base.train.batch_size=16\n" in script
+    # The task's own array element is requeued when `bigmodel sweep --only` exits 75 after a checkpoint.
+    assert 'if [ $status -eq 75 ]; then\n' in script
+    assert 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' in script
+    assert subprocess.run(["bash", "-n", str(tmp_path / "sweep.slurm")]).returncode == 0
+
     assert cli.main(args + ["--emit", "k8s", "--image", "me/bigmodel:1"]) == 0
-    manifest = (tmp_path / "sweep_k8s.yaml").read_text()
-    for line in ("completionMode: Indexed", "completions: 6", "parallelism: 2", 'image: "me/bigmodel:1"'):
-        assert line in manifest
-    assert "$JOB_COMPLETION_INDEX" in manifest
-    yaml = pytest.importorskip("yaml")
-    job = yaml.safe_load(manifest)
-    assert (job["kind"], job["spec"]["completions"]) == ("Job", 6)
-    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[:2] == ["sh", "-c"] and '--only "$JOB_COMPLETION_INDEX"' in command[2]
-    rows = report.read_rows(tmp_path)
+    job = yaml.safe_load((tmp_path / "sweep_k8s.yaml").read_text())
+    assert (job["apiVersion"], job["kind"], job["metadata"]["name"]) == ("batch/v1", "Job", "sweep-gpt-stdlib")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
+        "Indexed", 6, 2, 12)
+    assert (pod["restartPolicy"], pod["terminationGracePeriodSeconds"]) == ("Never", 120)  # time to checkpoint
+    (container,) = pod["containers"]
+    assert container["image"] == "me/bigmodel:1" and container["workingDir"] == str(Path.cwd())
+    assert container["command"] == ["sh", "-c", f'exec bigmodel sweep --config {GPT_STDLIB}:tiny --workdir '
+                                    f'{tmp_path.resolve()} --only "$JOB_COMPLETION_INDEX" '
+                                    "--config.base.train.batch_size=16"]
+    rows = results.read_rows(tmp_path)
     assert [r["status"] for r in rows] == ["planned"] * 6
     assert all((tmp_path / "runs" / r["run"] / "run_config.py").is_file() for r in rows)
     assert "gpt_w64_l1_t25k" in capsys.readouterr().out
@@ -141,7 +157,7 @@ def tiny_sweep(tmp_path_factory, data_dir):
     bad = f"--config.sweep.run_overrides=('{FAIL_RUN}:data.source=/no/such/dir/*.py',)"
     first = cli.main(base + [bad])
     after_first = {
-        "rows": report.read_rows(workdir),
+        "rows": results.read_rows(workdir),
         "fit_existed": (workdir / "fit" / "fit.json").exists(),
         "metrics": {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in workdir.glob("runs/*/metrics.jsonl")},
         "report": report.format_report(workdir),
@@ -166,7 +182,7 @@ def test_failed_run_is_recorded_and_others_finish(tiny_sweep):
 def test_rerun_skips_finished_runs_and_retries_the_failed_one(tiny_sweep):
     assert tiny_sweep["second"] == 0
     workdir = tiny_sweep["workdir"]
-    rows = report.read_rows(workdir)
+    rows = results.read_rows(workdir)
     assert [r["status"] for r in rows] == ["finished"] * 6 and all(r["error"] == "" for r in rows)
     for run, (mtime, text) in tiny_sweep["metrics"].items():
         path = workdir / "runs" / run / "metrics.jsonl"
@@ -179,7 +195,7 @@ def test_results_csv_matches_the_runs(tiny_sweep):
     workdir = tiny_sweep["workdir"]
     with open(workdir / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == report.COLUMNS
+        assert tuple(reader.fieldnames) == results.COLUMNS
         rows = list(reader)
     for r in rows:
         summary = json.loads((workdir / "runs" / r["run"] / "summary.json").read_text())
@@ -214,7 +230,7 @@ def test_report_lists_every_run_and_the_fit(tiny_sweep, capsys):
     assert cli.main(["scaling", "report", str(tiny_sweep["workdir"])]) == 0
     out = capsys.readouterr().out
     assert "6 runs: 6 finished, 0 running, 0 failed, 0 planned" in out
-    for r in report.read_rows(tiny_sweep["workdir"]):
+    for r in results.read_rows(tiny_sweep["workdir"]):
         assert f"{r['run']} " in out
     assert out.count("  finished") == 6
     assert "L(N, D) = E + A/N^alpha + B/D^beta: E=" in out and "fit.json, 6 runs" in out
@@ -224,12 +240,12 @@ def test_report_lists_every_run_and_the_fit(tiny_sweep, capsys):
 
 
 def test_report_shows_progress_of_running_runs(tmp_path):
-    rows = [dict.fromkeys(report.COLUMNS, "")
+    rows = [dict.fromkeys(results.COLUMNS, "")
             | {"run": run, "model": "gpt", "width": w, "params": p, "tokens": t, "steps": s,
                "flops": 6 * p * t, "status": st}
             for run, w, p, t, s, st in (("gpt_w32_l1_t4.1k", 32, 29000, 4096, 8, "running"),
                                         ("gpt_w64_l1_t4.1k", 64, 83000, 4096, 8, "planned"))]
-    report.write_csv_atomic(tmp_path / "results.csv", rows)
+    results.write_csv_atomic(tmp_path / "results.csv", rows)
     run_dir = tmp_path / "runs" / "gpt_w32_l1_t4.1k"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"train": {"batch_size": 8}, "data": {"seq_len": 64}}))
@@ -242,28 +258,28 @@ def test_report_shows_progress_of_running_runs(tmp_path):
 
 def test_results_csv_is_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "results.csv"
-    good = [dict.fromkeys(report.COLUMNS, "") | {"run": f"r{i}", "status": "planned"} for i in range(3)]
-    report.write_csv_atomic(path, good)
+    good = [dict.fromkeys(results.COLUMNS, "") | {"run": f"r{i}", "status": "planned"} for i in range(3)]
+    results.write_csv_atomic(path, good)
     before = path.read_text()
     with pytest.raises(ValueError):  # a bad row fails before the table is touched
-        report.write_csv_atomic(path, good + [{"run": "x", "nonsense": 1}])
+        results.write_csv_atomic(path, good + [{"run": "x", "nonsense": 1}])
     assert path.read_text() == before
     seen = []
-    real_replace = report.os.replace
+    real_replace = results.os.replace
 
     def spy(src, dst):
         seen.append((Path(src).read_text(), Path(dst).read_text()))
         real_replace(src, dst)
 
-    monkeypatch.setattr(report.os, "replace", spy)
-    report.write_csv_atomic(path, good[:1])
+    monkeypatch.setattr(results.os, "replace", spy)
+    results.write_csv_atomic(path, good[:1])
     # The new table is complete before it replaces the old one, which stays whole until then.
     assert seen == [(path.read_text(), before)] and len(path.read_text().splitlines()) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
 
 def test_eta_separates_start_up_from_compute():
-    progress = sweep.Progress([], parallel=2)
+    progress = runner.Progress([], parallel=2)
     progress.done = [(1e9, 11.0), (3e9, 13.0)]  # 10 s start-up, 1 s per 1e9 FLOPs
     assert progress.predict(5e9) == pytest.approx(15.0)
     progress.left = {"a": 5e9, "b": 5e9, "c": 5e9}
