@@ -38,7 +38,9 @@ EMBEDDING_AXES = {"vocab", "pos"}
 
 def param_count(params: Any) -> int:
     """Number of scalars in a (possibly boxed, possibly abstract) parameter tree."""
-    return sum(int(x.size) for x in jax.tree.leaves(nn.meta.unbox(params)))
+    # Not nn.meta.unbox: under a mesh and logical axis rules it would apply sharding constraints.
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return sum(int((x.value if isinstance(x, nn.meta.AxisMetadata) else x).size) for x in leaves)
 
 
 def count_on_axes(boxed_params: Any, axes: set[str]) -> int:

@@ -10,10 +10,10 @@ import optax
 import pytest
 from jax.extend import core as jax_core
 
-from bigmodel import cli, flops, models, sharding, tasks, train
+from bigmodel import cli, config as config_lib, flops, models, sharding, tasks, train
 from bigmodel.models import bert, gpt, resnet, rnn, transformer, vit
 
-from conftest import REPO
+from conftest import GPT_TINY, REPO
 
 B = 3  # examples per batch in the hand counts
 
@@ -120,6 +120,17 @@ def test_gpt_mixture_of_experts_counts_active_experts():
     # weights each, of which a token uses 2.
     active = L * (4 * d * d + 4 * d + 4 * d + d * 4 + 2 * (2 * d * 32)) + 2 * d
     assert step_flops(cfg, {"inputs": tokens(B, t)}) == B * t * (6 * (active + v * d) + 12 * L * t * d)
+
+
+def test_gpt_count_inside_the_trainers_mesh_and_rules():
+    # The trainer counts inside its mesh and logical axis rules, where unboxing the abstract
+    # parameters would apply sharding constraints to them.
+    cfg, batch = gpt_cfg(), {"inputs": tokens(B, 8)}
+    params = abstract_params(cfg, (batch["inputs"],))
+    rules = sharding.as_rules(config_lib.load(GPT_TINY + ":tiny").sharding.rules)
+    with jax.set_mesh(sharding.make_mesh(sharding.axis_sizes(data=8))), nn.logical_axis_rules(rules):
+        inside = flops.train_flops_per_step(cfg, batch, params)
+    assert inside == flops.train_flops_per_step(cfg, batch, params) > 0
 
 
 @pytest.mark.parametrize("head", ["mlm", "classify"])
