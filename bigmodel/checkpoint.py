@@ -283,6 +283,12 @@ class Checkpointer:
             return
         finisher.join()
         error, self._error = self._error, None
+        try:
+            # Orbax raises a failed save once in each thread that waits for it: take it here too,
+            # or the next save or close in this thread would raise it again.
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            error = error or ("save", e)
         if error and error[0] == "save":
             raise CheckpointError(self._failure(pending if pending is not None else -1, error[1])) from error[1]
         if error:
