@@ -12,6 +12,9 @@ save, off the training path; the next save (or close) waits for it. A checkpoint
 garbled afterwards is detected on restore (the records are split over the processes, which
 then agree), moved aside (never deleted) and the previous complete one is used instead. A
 step whose records were never written (a crash right after it completed) is not checked.
+CRC32C is what object stores keep per object (GCS, S3); OCDBT files end with their own
+CRC32C, so every intact one has the same whole-file value (0x48674bc7), and any change
+to one still changes it.
 
 The file handling goes through `etils.epath` (what orbax itself uses), so it needs no more
 of a directory than listing, stat, reading, writing and renaming.
