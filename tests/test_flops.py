@@ -178,7 +178,8 @@ def test_resnet_basic_blocks():
 def test_resnet_bottleneck_blocks_and_imagenet_stem():
     forward = (2 * 49 * 3 * 4 * 16 * 16  # 7×7/2 stem at 16×16, then the max-pool to 8×8
                + 2 * 4 * 4 * 64 + 2 * 9 * 4 * 4 * 64 + 2 * 4 * 16 * 64 + 2 * 4 * 16 * 64  # stage 1 at 8×8
-               + 2 * 16 * 8 * 64 + 2 * 9 * 8 * 8 * 16 + 2 * 8 * 32 * 16 + 2 * 16 * 32 * 16  # stage 2: 1×1 at 8×8, rest 4×4
+               # stage 2: the first 1×1 at 8×8, the rest at 4×4
+               + 2 * 16 * 8 * 64 + 2 * 9 * 8 * 8 * 16 + 2 * 8 * 32 * 16 + 2 * 16 * 32 * 16
                + 2 * 32 * 10)
     assert step_flops(resnet_bottleneck_cfg(), {"inputs": images(B, 32, 3)}) == 3 * B * forward
 
