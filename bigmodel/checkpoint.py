@@ -4,10 +4,20 @@ The data iterator's state is the same on every process (see bigmodel.data.pipeli
 it is saved once as JSON and restores onto any number of processes.
 
 Integrity: orbax writes each step into a temporary directory and renames it when complete,
-so a crash mid-write leaves no half checkpoint behind. Once a step is complete we also
-record the size and CRC32 of each of its files (`bigmodel_integrity.json`); a checkpoint
-truncated or garbled afterwards is detected on restore, moved aside (never deleted) and
-the previous complete one is used instead.
+so a crash mid-write leaves no half checkpoint behind. Once a step is complete, each process
+records the size and CRC32C of the files it wrote (`bigmodel_integrity.process_I.json`): orbax
+puts process I's array data under `ocdbt.process_I/` and `array_metadatas/process_I`, and
+process 0 writes everything else. This runs in a background thread after the asynchronous
+save, off the training path; the next save (or close) waits for it. A checkpoint truncated or
+garbled afterwards is detected on restore (the records are split over the processes, which
+then agree), moved aside (never deleted) and the previous complete one is used instead. A
+step whose records were never written (a crash right after it completed) is not checked.
+CRC32C is what object stores keep per object (GCS, S3); OCDBT files end with their own
+CRC32C, so every intact one has the same whole-file value (0x48674bc7), and any change
+to one still changes it.
+
+The file handling goes through `etils.epath` (what orbax itself uses), so it needs no more
+of a directory than listing, stat, reading, writing and renaming.
 """
 
 from __future__ import annotations
@@ -15,61 +25,123 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import sys
+import threading
 import time
 import zlib
 from typing import Any
 
+import google_crc32c
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
-INTEGRITY_FILE = "bigmodel_integrity.json"
+RECORD_PREFIX = "bigmodel_integrity"
+LEGACY_RECORD = "bigmodel_integrity.json"  # one record of every file by process 0, zlib CRC32 (older checkpoints)
+_RECORD = re.compile(r"bigmodel_integrity\.process_(\d+)\.json")
+_PROCESS_PART = re.compile(r"(?:.*\.)?process_(\d+)")  # orbax's 'ocdbt.process_3', 'array_metadatas/process_3'
+CHUNK = 8 << 20  # bytes read at a time
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or no checkpoint could be restored."""
 
 
-def _crc32(path: pathlib.Path) -> int:
+def record_name(process: int) -> str:
+    """File name of process `process`'s integrity record in a step directory."""
+    return f"{RECORD_PREFIX}.process_{process}.json"
+
+
+def writer(relative: str) -> int:
+    """The process that writes a checkpoint file (a path relative to the step directory).
+
+    Orbax (OCDBT layout) has process I write its array data under `ocdbt.process_I/` and
+    its array metadata to `array_metadatas/process_I`; the primary process 0 writes the rest.
+    """
+    for part in relative.split("/"):
+        if match := _PROCESS_PART.fullmatch(part):
+            return int(match.group(1))
+    return 0
+
+
+def crc32c(path: epath.Path) -> tuple[int, str]:
+    """(size, CRC32C as hex) of a file, read once in CHUNK-sized pieces."""
+    crc, size = google_crc32c.Checksum(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            crc.update(chunk)
+            size += len(chunk)
+    return size, crc.hexdigest().decode()
+
+
+def _zlib_crc32(path: epath.Path) -> int:
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
             crc = zlib.crc32(chunk, crc)
     return crc
 
 
-def _files(step_dir: pathlib.Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(step_dir)): (p.stat().st_size, _crc32(p))
-        for p in sorted(step_dir.rglob("*"))
-        if p.is_file() and p.name != INTEGRITY_FILE
-    }
+def checkpoint_files(step_dir: epath.Path) -> list[str]:
+    """Paths (relative to the step directory) of a checkpoint's files, the integrity records left out."""
+    step_dir = epath.Path(step_dir)
+    found = []
+    for directory, _, names in step_dir.walk():
+        base = str(directory)[len(str(step_dir)):].strip("/")
+        for name in names:
+            if not name.startswith(RECORD_PREFIX) and not name.startswith(f".{RECORD_PREFIX}"):
+                found.append(f"{base}/{name}" if base else name)
+    return sorted(found)
 
 
-def seal(step_dir: pathlib.Path) -> None:
-    """Record sizes and checksums of a complete checkpoint's files."""
-    tmp = step_dir / f".{INTEGRITY_FILE}.tmp"
-    tmp.write_text(json.dumps(_files(step_dir)))
-    os.replace(tmp, step_dir / INTEGRITY_FILE)
+def seal(step_dir: str | os.PathLike, process: int = 0) -> int:
+    """Record the size and CRC32C of the files of a complete checkpoint that `process` wrote; returns their bytes."""
+    step_dir = epath.Path(step_dir)
+    files = {name: crc32c(step_dir / name) for name in checkpoint_files(step_dir) if writer(name) == process}
+    record = {"process": process, "checksum": "crc32c", "files": files}
+    tmp = step_dir / f".{record_name(process)}.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(step_dir / record_name(process))
+    return sum(size for size, _ in files.values())
 
 
-def verify(step_dir: pathlib.Path) -> str | None:
-    """None if the checkpoint matches its record (or has none yet), else what is wrong."""
-    record = step_dir / INTEGRITY_FILE
-    if not record.exists():
-        return None
-    try:
-        expected = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable integrity record ({e})"
-    actual = _files(step_dir)
-    for name, (size, crc) in expected.items():
-        if name not in actual:
-            return f"missing file {name}"
-        if actual[name][0] != size:
-            return f"{name} has {actual[name][0]} bytes, expected {size} (truncated?)"
-        if actual[name][1] != crc:
-            return f"{name} fails its checksum (garbled)"
+def _records(step_dir: epath.Path) -> list[tuple[int, epath.Path]]:
+    """(process, path) of each integrity record in a step directory; the legacy one counts as process 0's."""
+    found = []
+    for path in step_dir.glob(f"{RECORD_PREFIX}*.json"):
+        match = _RECORD.fullmatch(path.name)
+        if match or path.name == LEGACY_RECORD:
+            found.append((int(match.group(1)) if match else 0, path))
+    return sorted(found, key=lambda r: (r[0], r[1].name))
+
+
+def verify(step_dir: str | os.PathLike, process: int = 0, processes: int = 1) -> str | None:
+    """None if the checkpoint matches its records (or has none yet), else what is wrong.
+
+    Process `process` of `processes` checks the records of processes r with r % processes ==
+    process, so together they read each file once.
+    """
+    step_dir = epath.Path(step_dir)
+    for owner, record in _records(step_dir):
+        if owner % processes != process:
+            continue
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            return f"unreadable integrity record {record.name} ({e})"
+        legacy = record.name == LEGACY_RECORD
+        for name, (size, digest) in (data if legacy else data["files"]).items():
+            path = step_dir / name
+            if not path.is_file():
+                return f"missing file {name}"
+            actual = path.stat().length
+            if actual != size:
+                return f"{name} has {actual} bytes, expected {size} (truncated?)"
+            if (_zlib_crc32(path) if legacy else crc32c(path)[1]) != digest:
+                return f"{name} fails its checksum (garbled)"
     return None
 
 
@@ -80,6 +152,8 @@ class Checkpointer:
         self.directory = pathlib.Path(os.path.abspath(workdir)) / "checkpoints"
         self._keep, self._async = keep, async_save
         self._pending: int | None = None  # step of the save that may still be in flight
+        self._finisher: threading.Thread | None = None  # waits for that save, then seals it
+        self._error: tuple[str, BaseException] | None = None  # what the finisher failed at
         self._open()
 
     def _open(self) -> None:
@@ -99,13 +173,17 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def _seal_complete(self) -> None:
-        if jax.process_index() != 0:
+    def _finish(self, step: int) -> None:
+        """Background thread: wait for orbax to complete the step, then seal this process's files of it."""
+        try:
+            self.manager.wait_until_finished()
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
+            self._error = ("save", e)
             return
-        for step in self.manager.all_steps():
-            step_dir = self.step_dir(step)
-            if step_dir.is_dir() and not (step_dir / INTEGRITY_FILE).exists():
-                seal(step_dir)
+        try:
+            seal(self.step_dir(step), jax.process_index())
+        except BaseException as e:  # noqa: BLE001
+            self._error = ("seal", e)
 
     def save(self, step: int, state: Any, data_iter: Any | None, config: dict) -> None:
         """Start saving (returns before an asynchronous write finishes); data_iter None saves no 'data' item.
@@ -119,13 +197,13 @@ class Checkpointer:
             if data_iter is not None:
                 items["data"] = ocp.args.JsonSave(data_iter.get_state())
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-            if not self._async:
-                self.wait()
-        except CheckpointError:
-            raise
         except Exception as e:  # noqa: BLE001 - any failure of the writer is reported the same way
             self._pending = None
             raise CheckpointError(self._failure(step, e)) from e
+        self._finisher = threading.Thread(target=self._finish, args=(step,), name=f"checkpoint-{step}", daemon=True)
+        self._finisher.start()
+        if not self._async:
+            self.wait()
 
     def _failure(self, step: int, error: Exception) -> str:
         good = [s for s in self.manager.all_steps() if s != step]
@@ -140,7 +218,7 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             step_dir = self.step_dir(step)
-            problem = verify(step_dir)
+            problem = self._verify(step_dir)
             if problem is None:
                 try:
                     return step, self.restore(step, abstract_state, data_iter)
@@ -153,6 +231,16 @@ class Checkpointer:
                 "corrupt-*; rerun with --restart to start over"
             )
         return None
+
+    def _verify(self, step_dir: os.PathLike) -> str | None:
+        """`verify` split over the processes; all of them return a problem if any found one."""
+        index, count = jax.process_index(), jax.process_count()
+        problem = verify(step_dir, index, count)
+        if count > 1:
+            found = multihost_utils.process_allgather(np.int32(problem is not None))
+            if problem is None and found.any():
+                problem = f"process {int(np.argmax(found))} found a damaged file"
+        return problem
 
     def _quarantine(self, step_dir: pathlib.Path, problem: str) -> None:
         target = self.directory / f"corrupt-{step_dir.name}-{int(time.time())}"
@@ -191,13 +279,26 @@ class Checkpointer:
             return None
 
     def wait(self) -> None:
-        """Block until any asynchronous save has finished (raises CheckpointError on failure)."""
+        """Block until any asynchronous save and its sealing have finished (raises CheckpointError on failure)."""
         pending, self._pending = self._pending, None
+        finisher, self._finisher = self._finisher, None
+        if finisher is None:
+            return
+        finisher.join()
+        error, self._error = self._error, None
         try:
+            # Orbax raises a failed save once in each thread that waits for it: take it here too,
+            # or the next save or close in this thread would raise it again.
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(self._failure(pending if pending is not None else -1, e)) from e
-        self._seal_complete()
+            error = error or ("save", e)
+        if error and error[0] == "save":
+            raise CheckpointError(self._failure(pending if pending is not None else -1, error[1])) from error[1]
+        if error:
+            raise CheckpointError(
+                f"recording the integrity of checkpoint {self.step_dir(pending)} failed: "
+                f"{type(error[1]).__name__}: {error[1]}; the checkpoint itself is complete but will not be verified"
+            ) from error[1]
 
     def close(self) -> None:
         """Finish pending saves and release resources."""

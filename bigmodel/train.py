@@ -491,11 +491,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         eval_step = jax.jit(make_eval_step(module, task), in_shardings=(shardings, batch_sh), out_shardings=repl)
 
         units_per_step = config.train.batch_size * data.units_per_example
-        if config.model.name == "gpt":
-            flops_per_step = units_per_step * flops.gpt_flops_per_token(
-                config.model, params_total - params_embed - params_inactive, config.data.seq_len)
-        else:
-            flops_per_step = float(train_step.cost_analysis().get("flops", float("nan")))
+        flops_per_step = flops.train_flops_per_step(config.model, first, abstract.params)
         if lead:
             active = f", active {params_total - params_inactive:,}" if params_inactive else ""
             print(f"params {params_total:,} (non-embedding {params_total - params_embed:,}{active}); "
