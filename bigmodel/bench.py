@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import resource
 import statistics
@@ -73,49 +72,27 @@ def round_ratio_quartiles(ours_s: list[float], theirs_s: list[float]) -> list[fl
 
 
 def prepare_train(config: ml_collections.ConfigDict) -> tuple[Callable[[], None], Callable[[float], dict]]:
-    """Compile the train step on real batches (data loading excluded): (run one step, report)."""
-    import flax.linen as nn
+    """The trainer's compiled step (train.prepare) on four real batches: (run one step, report)."""
     import jax
-    import numpy as np
 
-    from bigmodel import data as data_lib, flops, sharding, train
+    from bigmodel import flops, sharding, train
 
-    sizes = config_lib.validate(config, jax.device_count())
-    mesh, rules, module, task, tx, schedule = train.setup_model(config, sizes, hybrid=True)
-    data = data_lib.build(config, shard=sharding.process_batch_shard(mesh))
-    it = iter(data.train)
-    local = [next(it) for _ in range(4)]
-    micro = config.train.batch_size // config.train.grad_accum
-    dummy = {k: np.zeros((micro, *v.shape[1:]), v.dtype) for k, v in local[0].items()}
-    state, shardings, abstract = train.sharded_init(
-        train.init_fn(module, task, tx, dummy), jax.random.key(config.seed), mesh, rules, config.sharding.zero1)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        batches = [sharding.global_batch(b, mesh) for b in local]
-        start = time.perf_counter()
-        step_fn = jax.jit(
-            train.make_train_step(module, task, tx, schedule, config.train.grad_accum),
-            in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
-        ).lower(state, batches[0], jax.random.key(1)).compile()
-        compile_s = time.perf_counter() - start
-    holder = {"state": state, "i": 0}
+    run = train.prepare(config, train.run_mesh(config), data=True)
+    it = iter(run.data.train)
+    batches = [sharding.global_batch(next(it), run.mesh) for _ in range(4)]
+    holder = {"state": run.init_state(), "i": 0}
+    rng = run.step_rng
 
     def run_step() -> None:
         batch = batches[holder["i"] % len(batches)]
-        holder["state"], mets = step_fn(holder["state"], batch, jax.random.key(1))
+        holder["state"], mets = run.train_step(holder["state"], batch, rng)
         jax.block_until_ready(mets["loss"])
         holder["i"] += 1
 
-    run_step.hlo_text = step_fn.as_text()  # for `profile`: op names -> model parts
-
-    params = flops.param_count(abstract.params)
-    units = config.train.batch_size * data.units_per_example
-    if config.model.name == "gpt":
-        active = params - flops.embedding_param_count(abstract.params) - flops.inactive_param_count(
-            abstract.params, config.model)
-        per_unit = flops.gpt_flops_per_token(config.model, active, config.data.seq_len)
-    else:
-        per_unit = float(step_fn.cost_analysis().get("flops", math.nan)) / units
+    run_step.hlo_text = run.train_step.as_text()  # for `profile`: op names -> model parts
+    params = flops.param_count(run.abstract.params)
+    units = run.units_per_step
+    per_unit = run.flops_per_step / units
 
     def report(step_s: float) -> dict[str, Any]:
         peak, source = flops.peak_flops()
@@ -123,10 +100,10 @@ def prepare_train(config: ml_collections.ConfigDict) -> tuple[Callable[[], None]
             "name": f"train/{config.model.name}:{config.model.size}",
             "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(),
-            f"{task.units}_per_s": units / step_s,
+            f"{run.task.units}_per_s": units / step_s,
             "step_s": step_s,
-            "compile_s": compile_s,
-            f"flops_per_{task.units[:-1]}": per_unit,
+            "compile_s": run.compile_s,
+            f"flops_per_{run.task.units[:-1]}": per_unit,
             "achieved_flops": per_unit * units / step_s,
             "mfu": per_unit * units / step_s / peak,
             "peak_flops": peak,

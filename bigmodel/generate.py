@@ -17,27 +17,25 @@ from bigmodel.data import pipeline
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any]:
-    """(config, module, variables, tokenizer) from a workdir's checkpoint (latest by default)."""
+    """(config, module, variables, tokenizer) of a language model's checkpoint in a workdir (latest by default)."""
     path = pathlib.Path(workdir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{workdir} has no config.json; is it a bigmodel workdir?")
     config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    if config.task != "lm":
+        raise ValueError(f"generate needs a language model; {workdir} trained task {config.task!r}")
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first")
-    # Replicate over the local devices: sampling needs no model parallelism at this size.
-    mesh_sizes = sharding.axis_sizes(data=jax.device_count())
-    mesh, rules, module, task, tx, _ = train.setup_model(config, mesh_sizes)
-    dummy = task.dummy_batch(1, config.data.seq_len)
-    init = train.init_fn(module, task, tx, dummy)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-
-    shardings = sharding.state_shardings(abstract, mesh, rules)
-    state = ckpt.restore(step, checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), shardings), None)
-    ckpt.close()
+    try:
+        step = step if step is not None else ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first")
+        # Replicated over the local devices: sampling needs no model parallelism at this size.
+        run = train.prepare(config, sharding.make_mesh(sharding.axis_sizes(data=jax.device_count())), steps=False)
+        state = ckpt.restore(step, run.abstract_state(), None)
+    finally:
+        ckpt.close()
     tokenizer = pipeline.make_tokenizer(config.data, pipeline.text_source(config.data))
-    return config, module, {"params": state.params, **state.model_state}, tokenizer
+    return config, run.module, {"params": state.params, **state.model_state}, tokenizer
 
 
 def sample(module: nn.Module, variables: Any, prompt_ids: list[int], *, max_len: int, max_tokens: int,
@@ -75,8 +73,6 @@ def generate_from_workdir(workdir: str, prompt: str, *, max_tokens: int = 200, t
                           top_k: int = 40, seed: int = 0, step: int | None = None) -> str:
     """Prompt + sampled continuation, decoded to text."""
     config, module, variables, tokenizer = load_run(workdir, step)
-    if config.task != "lm":
-        raise ValueError(f"generate needs a language model; {workdir} trained task {config.task!r}")
     # The end-of-document id starts an empty context, as at the start of every document.
     prompt_ids = [tokenizer.eod_id] + tokenizer.encode(prompt).tolist()
     max_len = min(config.model.max_len, config.data.seq_len)

@@ -136,46 +136,11 @@ def configure(spec: str, overrides: list[str], mesh: dict[str, int] | None, devi
     return config, config_lib.validate(config, devices)
 
 
-def _pieces(config):
-    """Module, task, optimizer and schedule of a run, assembled the way the trainer does it."""
-    import jax
-
-    from bigmodel import sharding, train
-
-    # The mesh is irrelevant here; a one-axis mesh over whatever devices exist always builds.
-    _, _, module, task, tx, schedule = train.setup_model(config, sharding.axis_sizes(data=jax.device_count()))
-    return module, task, tx, schedule
-
-
-def batch_shapes(config, task, rows: int) -> dict:
-    """Shapes and dtypes of a batch of `rows` examples, as ShapeDtypeStructs."""
-    import jax
-
-    if hasattr(task, "dummy_batch"):  # language modelling: known without data
-        return jax.eval_shape(lambda: task.dummy_batch(rows, config.data.seq_len))
-    # Other tasks: the shapes of one real evaluation batch, as the trainer takes them.
-    from bigmodel import data as data_lib
-
-    example = next(data_lib.build(config, shard=(0, 1)).eval_batches())
-    return {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in example.items()}
-
-
-def zeros(shapes: dict) -> dict:
-    """A batch of zeros (host memory) with the given shapes, for tracing the model's init."""
-    import numpy as np
-
-    return {k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-
-
 def abstract_state(config) -> Any:
     """The boxed train state as shapes only (jax.eval_shape: no memory, no devices)."""
-    import jax
-
     from bigmodel import train
 
-    module, task, tx, _ = _pieces(config)
-    dummy = zeros(batch_shapes(config, task, config.train.batch_size // config.train.grad_accum))
-    return jax.eval_shape(train.init_fn(module, task, tx, dummy), jax.random.key(0))
+    return train.prepare(config).abstract
 
 
 # --------------------------------------------------------------------------- analytic figures
@@ -250,27 +215,13 @@ def analytic(config, sizes: Mapping[str, int], target: str) -> Plan:
 
 def compiled_memory(config, sizes: Mapping[str, int]) -> dict[str, int]:
     """Compile the train step for the mesh (shapes only) and read XLA's per-device memory analysis."""
-    import flax.linen as nn
     import jax
 
     from bigmodel import sharding, train
 
-    mesh, rules, module, task, tx, schedule = train.setup_model(config, dict(sizes))
-    micro = config.train.batch_size // config.train.grad_accum
-    init = train.init_fn(module, task, tx, zeros(batch_shapes(config, task, micro)))
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.state_shardings(abstract, mesh, rules, config.sharding.zero1)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         nn.meta.unbox(abstract), shardings)
-    batch_sh = sharding.batch_sharding(mesh)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
-                         batch_shapes(config, task, config.train.batch_size))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = jax.jit(train.make_train_step(module, task, tx, schedule, config.train.grad_accum),
-                       in_shardings=(shardings, batch_sh, sharding.replicated(mesh)),
-                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-        compiled = step.lower(state, batch, jax.random.key(1)).compile()
-    ma = compiled.memory_analysis()
+    run = train.prepare(config, sharding.make_mesh(dict(sizes)))
+    state = run.abstract_state()
+    ma = run.train_step.memory_analysis()
 
     def shard(tree) -> int:
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))

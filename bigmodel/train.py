@@ -1,15 +1,22 @@
 """The trainer: one code path for every model, task and mesh. Reads top to bottom.
 
-  1. state and optimizer      4. data
-  2. sharded initialisation   5. the loop: log, evaluate, checkpoint
-  3. the jitted steps         6. the summary
+  1. state and optimizer       4. prepare(): pieces, shapes, shardings, compiled steps, FLOPs
+  2. sharded initialisation    5. faults: preemption, non-finite values, resume checks
+  3. the jitted steps          6. train(): restore, the loop (log, evaluate, checkpoint), summary
+
+`prepare` serves `bigmodel bench` (the same compiled step, timed), `bigmodel plan` (shapes
+only, or the step compiled for a mesh of any devices without real data) and `bigmodel
+generate` (the restore target) as well as `train`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import dataclasses
 import json
+import math
 import os
 import pathlib
 import signal
@@ -215,119 +222,140 @@ def evaluate(eval_step: Callable, state: TrainState, batches: Iterator[dict], me
     return tasks.reduce_metrics(jax.device_get(total))
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- 4. prepare
 
 
-def _scalars(mets: dict) -> dict[str, float]:
-    return tasks.reduce_metrics(jax.device_get(mets))
-
-
-def write_json(path: pathlib.Path, obj: Any) -> None:
-    """Atomically write pretty JSON."""
-    metrics.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-class DevicePrefetch:
-    """Training batches put on the devices one step ahead of the step that uses them.
-
-    `next()` hands out batch s while batch s+1 is already on its devices: the host reads and
-    transfers it while step s-1 still runs, since jitted steps are dispatched asynchronously.
-    `get_state()` is the wrapped iterator's state after the batches handed out so far, not
-    after the one read ahead, so a checkpoint resumes at the first batch no step has used.
-    """
-
-    def __init__(self, it: Any, put: Callable[[Any], Any], ahead: int = 1):
-        self._it, self._put, self._ahead = it, put, ahead
-        self._queue: collections.deque = collections.deque()  # (device batch, iterator state after it)
-        self._state = copy.deepcopy(it.get_state())
-
-    def __iter__(self) -> "DevicePrefetch":
-        return self
-
-    def __next__(self) -> Any:
-        while len(self._queue) <= self._ahead:
-            try:
-                host = next(self._it)
-            except StopIteration:
-                break
-            self._queue.append((self._put(host), copy.deepcopy(self._it.get_state())))
-        if not self._queue:
-            raise StopIteration
-        batch, self._state = self._queue.popleft()
-        return batch
-
-    def get_state(self) -> Any:
-        """The wrapped iterator's state after the last batch handed out."""
-        return self._state
-
-
-def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int], hybrid: bool = False):
-    """Everything static a run needs: mesh, rules, module, task, optimizer, step functions.
-
-    hybrid lays the mesh out over config.mesh.slices slices (the runs themselves); tools that
-    only need shapes and shardings (plan, generate, tests) build the single-slice layout.
-    """
-    dcn = {"slices": config.mesh.slices, "dcn_axis": config.mesh.dcn_axis} if hybrid else {}
-    mesh = sharding.make_mesh(mesh_sizes, **dcn)
-    rules = sharding.as_rules(config.sharding.rules)
-    module = models.build(config.model)
-    task = tasks.get(config)
+def components(config: ml_collections.ConfigDict) -> tuple[Any, nn.Module, Any, optax.GradientTransformation,
+                                                          optax.Schedule]:
+    """The static pieces of a run: (sharding rules, module, task, optimizer, learning-rate schedule)."""
     width_mult = 1.0
     if config.model.name == "gpt" and config.model.mup:
         width_mult = config.model.d_model / config.model.mup_base_width
     tx, schedule = make_optimizer(config.optim, config.train.steps, width_mult)
-    return mesh, rules, module, task, tx, schedule
+    return sharding.as_rules(config.sharding.rules), models.build(config.model), tasks.get(config), tx, schedule
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    """A parameter subtree as {'a/b/kernel': leaf}; a lone array as {'': array}."""
-    return traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {"": tree}
+def setup_model(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]):
+    """(mesh, rules, module, task, tx, schedule) on a single-slice mesh, for code that builds its own steps."""
+    return (sharding.make_mesh(mesh_sizes), *components(config))
 
 
-def load_pretrained(state: TrainState, shardings: Any, workdir: str, names: tuple[str, ...]) -> TrainState:
-    """Copy parameter subtrees `names` (all if empty) from another run's latest checkpoint.
+def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's mesh over every device, over config.mesh.slices slices; a bad mesh is a ConfigError."""
+    sizes = config_lib.validate(config, jax.device_count())
+    return sharding.make_mesh(sizes, slices=config.mesh.slices, dcn_axis=config.mesh.dcn_axis)
 
-    Within each subtree the arrays both models have are copied, and their shapes must agree.
-    Arrays only this model has keep their fresh initialisation (a classifier's pooler when
-    the encoder comes from MLM pre-training); arrays only the checkpoint has are ignored.
-    Both lists are printed.
+
+def example_batch(config: ml_collections.ConfigDict, task: Any, data: Any = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of one global training batch: the task's dummy batch where it has one (language
+    modelling, no data needed), else those of a first batch read from `data` (or from data
+    built for one process)."""
+    rows = config.train.batch_size
+    if hasattr(task, "dummy_batch"):
+        return jax.eval_shape(lambda: task.dummy_batch(rows, config.data.seq_len))
+    it = iter((data or data_lib.build(config, shard=(0, 1))).train)
+    try:
+        local = next(it)
+    finally:
+        it.close()  # stops its prefetch threads; the run reads through its own iterator
+    return {k: jax.ShapeDtypeStruct((rows, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in local.items()}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run made ready by `prepare`: its pieces, the state's shapes and shardings, the compiled steps."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh | None
+    rules: Any
+    module: nn.Module
+    task: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init: Callable[[jax.Array], TrainState]  # rng -> boxed state (see init_fn)
+    batch: dict[str, jax.ShapeDtypeStruct]  # one global training batch
+    abstract: Any  # the boxed state as shapes; parameters carry their logical axis names
+    shapes: TrainState  # the same unboxed, as the steps take it
+    data: data_lib.Data | None = None  # this process's pipelines, when built
+    shardings: Any = None  # of the unboxed state: the steps' in and out shardings
+    lowered: jax.stages.Lowered | None = None  # the train step lowered for the mesh
+    train_step: jax.stages.Compiled | None = None  # (state, batch, rng) -> (state, metrics); donates the state
+    eval_step: Callable | None = None  # (state, batch) -> summed metrics
+    compile_s: float = 0.0  # lowering and compiling the train step
+    flops_per_step: float = math.nan
+
+    @property
+    def units_per_step(self) -> int:
+        """Tokens (token tasks: target positions) or examples in one global batch."""
+        per_example = self.batch["targets"].shape[1] if self.task.units == "tokens" else 1
+        return self.config.train.batch_size * per_example
+
+    @property
+    def step_rng(self) -> jax.Array:
+        """The train step's base key (the step folds in its own number)."""
+        return jax.random.fold_in(jax.random.key(self.config.seed), 1)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """The mesh and logical axis rules that tracing the model needs."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def abstract_state(self) -> TrainState:
+        """The unboxed state as ShapeDtypeStructs with their shardings (a restore target)."""
+        return checkpoint.abstract_with_shardings(self.shapes, self.shardings)
+
+    def init_state(self) -> TrainState:
+        """A fresh state, initialised directly into its sharded layout."""
+        with self.context():
+            init = jax.jit(lambda r: nn.meta.unbox(self.init(r)), out_shardings=self.shardings)
+            return init(jax.random.fold_in(jax.random.key(self.config.seed), 0))
+
+    def compile_steps(self) -> None:
+        """Lower and compile the train step against abstract inputs; jit the eval step; count FLOPs."""
+        batch_sh, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+        step = make_train_step(self.module, self.task, self.tx, self.schedule, self.config.train.grad_accum,
+                               self.config.train.on_nonfinite == "skip")
+        with self.context():
+            start = time.time()
+            jitted = jax.jit(step, in_shardings=(self.shardings, batch_sh, repl),
+                             out_shardings=(self.shardings, repl), donate_argnums=0)
+            self.lowered = jitted.lower(self.abstract_state(), self.batch, jax.eval_shape(jax.random.key, 0))
+            self.train_step = self.lowered.compile()
+            self.compile_s = time.time() - start
+        self.eval_step = jax.jit(make_eval_step(self.module, self.task), in_shardings=(self.shardings, batch_sh),
+                                 out_shardings=repl)
+        self.flops_per_step = flops.train_flops_per_step(self.config.model, self.batch, self.abstract.params)
+
+
+def prepare(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, *, data: bool = False,
+            steps: bool = True, batch: dict[str, jax.ShapeDtypeStruct] | None = None) -> Prepared:
+    """Everything a run needs before its first step, built one way for train, bench, plan and generate.
+
+    Without a mesh: shapes only (the boxed abstract state; no device is touched). With a mesh,
+    which may hold any devices (an ahead-of-time topology too): the state's shardings and,
+    with `steps`, the compiled train step, the eval step and the FLOPs per step. Nothing is
+    initialised here (Prepared.init_state) and no data is read unless the shapes need it:
+    `data` builds this process's pipelines; `batch` gives the global training batch's shapes
+    (default: example_batch).
     """
-    source = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
-    step = source.latest_step()
-    if step is None:
-        source.close()
-        raise config_lib.ConfigError(f"config.init.workdir={workdir!r} holds no checkpoint; train that run first")
-    saved = source.restore_raw(step)["params"]
-    source.close()
-    params = dict(state.params)
-    names = names or tuple(params)
-    copied, fresh, unused = 0, [], []
-    for name in names:
-        if name not in saved or name not in params:
-            raise config_lib.ConfigError(
-                f"config.init.params names {name!r}, but it is not in both models "
-                f"(pretrained: {sorted(saved)}, this model: {sorted(params)})")
-        target, got, where = _flat(params[name]), _flat(saved[name]), _flat(shardings.params[name])
-        common = [k for k in target if k in got]
-        mismatched = [f"{name}/{k}: {tuple(got[k].shape)} vs {tuple(target[k].shape)}"
-                      for k in common if tuple(got[k].shape) != tuple(target[k].shape)]
-        if mismatched or not common:
-            detail = "; ".join(mismatched[:5]) if mismatched else "no array in common"
-            raise config_lib.ConfigError(
-                f"parameters {name!r} of {workdir} do not match this model's shapes (pretrained vs this model: "
-                f"{detail})")
-        for k in common:
-            target[k] = jax.device_put(np.asarray(got[k], dtype=target[k].dtype), where[k])
-        params[name] = target[""] if "" in target else traverse_util.unflatten_dict(target, sep="/")
-        copied += len(common)
-        fresh += [f"{name}/{k}" for k in target if k not in got]
-        unused += [f"{name}/{k}" for k in got if k not in target]
-    print(f"initialised {', '.join(names)} from {source.step_dir(step)}: copied {copied} arrays; "
-          f"left fresh: {', '.join(fresh) or 'none'}; not in this model: {', '.join(unused) or 'none'}", flush=True)
-    return state.replace(params=params)
+    rules, module, task, tx, schedule = components(config)
+    built = data_lib.build(config, shard=sharding.process_batch_shard(mesh)) if data else None
+    batch = batch or example_batch(config, task, built)
+    micro = config.train.batch_size // config.train.grad_accum
+    init = init_fn(module, task, tx, {k: np.zeros((micro, *s.shape[1:]), s.dtype) for k, s in batch.items()})
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    run = Prepared(config, mesh, rules, module, task, tx, schedule, init, batch, abstract, nn.meta.unbox(abstract),
+                   data=built)
+    if mesh is not None:
+        run.shardings = sharding.state_shardings(run.abstract, mesh, rules, config.sharding.zero1)
+        if steps:
+            run.compile_steps()
+    return run
 
 
-# --------------------------------------------------------------------------- faults
+# --------------------------------------------------------------------------- 5. faults and resume
+
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the Slurm launcher requeues on it
 # Keys whose change makes a checkpoint meaningless for the new config.
@@ -412,7 +440,186 @@ def start_over(workdir: pathlib.Path) -> pathlib.Path | None:
     return target
 
 
-# --------------------------------------------------------------------------- 4-6. the run
+def check_resumable(ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse a workdir whose newest checkpoint comes from a config that cannot continue as this one."""
+    latest = ckpt.latest_step()
+    saved = ckpt.saved_config(latest) if latest is not None else None
+    diffs = incompatible_keys(saved, config.to_dict()) if saved else []
+    if diffs:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
+        raise IncompatibleResume(
+            f"{workdir} holds a run (step {latest}) whose config differs in keys that cannot change on "
+            f"resume: {lines}. Use another --workdir, undo the change, or pass --restart to move the old "
+            "run aside and start over"
+        )
+
+
+def guarded(action: Callable[[], None], on_error: str) -> None:
+    """Run a checkpoint action; its CheckpointError stops the run (on_error='stop') or is reported."""
+    try:
+        action()
+    except checkpoint.CheckpointError as e:
+        if on_error == "stop":
+            raise
+        print(f"warning: {e}; training continues and the next save retries", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def opened_checkpointer(workdir: str, cfg: ml_collections.ConfigDict) -> Iterator[checkpoint.Checkpointer]:
+    """A Checkpointer closed (its save in flight finished) however the run ends.
+
+    A failed save found on closing after the last step follows config.checkpoint.on_error;
+    after preemption it always raises, before the run claims its checkpoint; after any other
+    error it is only reported, so that error is the one the run ends with.
+    """
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep, async_save=cfg.async_save)
+    try:
+        yield ckpt
+    except Preempted:
+        ckpt.close()
+        raise
+    except BaseException:
+        try:
+            ckpt.close()
+        except checkpoint.CheckpointError as e:
+            print(f"warning: {e}", file=sys.stderr, flush=True)
+        raise
+    guarded(ckpt.close, cfg.on_error)
+
+
+def restore_or_init(run: Prepared, ckpt: checkpoint.Checkpointer, train_iter: Any) -> tuple[int, TrainState]:
+    """(step, state) of the newest intact checkpoint, with the data iterator restored in place;
+    else step 0 and a fresh state (with config.init's pretrained parameters)."""
+    restored = ckpt.restore_latest(run.abstract_state(), train_iter)
+    if restored:
+        if jax.process_index() == 0:
+            print(f"resumed from {ckpt.step_dir(restored[0])}", flush=True)
+        return restored
+    state = run.init_state()
+    if run.config.init.workdir:
+        state = load_pretrained(state, run.shardings, run.config.init.workdir, tuple(run.config.init.params))
+    return 0, state
+
+
+def check_finite(flags: list[tuple[int, jax.Array]], ckpt: checkpoint.Checkpointer, skip: bool) -> None:
+    """Raise NonFiniteError naming the first step flagged non-finite (unless skipping); clears `flags`."""
+    bad = [s for (s, _), f in zip(flags, jax.device_get([f for _, f in flags])) if f > 0]
+    flags.clear()
+    if bad and not skip:
+        good = ckpt.latest_step()
+        where = f"the last good checkpoint is {ckpt.step_dir(good)}" if good is not None else "no checkpoint yet"
+        raise NonFiniteError(
+            f"non-finite loss or gradients in step {bad[0]}; halted without saving; {where}. Lower "
+            "optim.learning_rate, or set train.on_nonfinite='skip' to drop such updates"
+        )
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """A parameter subtree as {'a/b/kernel': leaf}; a lone array as {'': array}."""
+    return traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {"": tree}
+
+
+def load_pretrained(state: TrainState, shardings: Any, workdir: str, names: tuple[str, ...]) -> TrainState:
+    """Copy parameter subtrees `names` (all if empty) from another run's latest checkpoint.
+
+    Within each subtree the arrays both models have are copied, and their shapes must agree.
+    Arrays only this model has keep their fresh initialisation (a classifier's pooler when
+    the encoder comes from MLM pre-training); arrays only the checkpoint has are ignored.
+    Both lists are printed.
+    """
+    source = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
+    step = source.latest_step()
+    if step is None:
+        source.close()
+        raise config_lib.ConfigError(f"config.init.workdir={workdir!r} holds no checkpoint; train that run first")
+    saved = source.restore_raw(step)["params"]
+    source.close()
+    params = dict(state.params)
+    names = names or tuple(params)
+    copied, fresh, unused = 0, [], []
+    for name in names:
+        if name not in saved or name not in params:
+            raise config_lib.ConfigError(
+                f"config.init.params names {name!r}, but it is not in both models "
+                f"(pretrained: {sorted(saved)}, this model: {sorted(params)})")
+        target, got, where = _flat(params[name]), _flat(saved[name]), _flat(shardings.params[name])
+        common = [k for k in target if k in got]
+        mismatched = [f"{name}/{k}: {tuple(got[k].shape)} vs {tuple(target[k].shape)}"
+                      for k in common if tuple(got[k].shape) != tuple(target[k].shape)]
+        if mismatched or not common:
+            detail = "; ".join(mismatched[:5]) if mismatched else "no array in common"
+            raise config_lib.ConfigError(
+                f"parameters {name!r} of {workdir} do not match this model's shapes (pretrained vs this model: "
+                f"{detail})")
+        for k in common:
+            target[k] = jax.device_put(np.asarray(got[k], dtype=target[k].dtype), where[k])
+        params[name] = target[""] if "" in target else traverse_util.unflatten_dict(target, sep="/")
+        copied += len(common)
+        fresh += [f"{name}/{k}" for k in target if k not in got]
+        unused += [f"{name}/{k}" for k in got if k not in target]
+    print(f"initialised {', '.join(names)} from {source.step_dir(step)}: copied {copied} arrays; "
+          f"left fresh: {', '.join(fresh) or 'none'}; not in this model: {', '.join(unused) or 'none'}", flush=True)
+    return state.replace(params=params)
+
+
+# --------------------------------------------------------------------------- 6. the run
+
+
+class DevicePrefetch:
+    """Training batches put on the devices one step ahead of the step that uses them.
+
+    `next()` hands out batch s while batch s+1 is already on its devices: the host reads and
+    transfers it while step s-1 still runs, since jitted steps are dispatched asynchronously.
+    `get_state()` is the wrapped iterator's state after the batches handed out so far, not
+    after the one read ahead, so a checkpoint resumes at the first batch no step has used.
+    """
+
+    def __init__(self, it: Any, put: Callable[[Any], Any], ahead: int = 1):
+        self._it, self._put, self._ahead = it, put, ahead
+        self._queue: collections.deque = collections.deque()  # (device batch, iterator state after it)
+        self._state = copy.deepcopy(it.get_state())
+
+    def __iter__(self) -> "DevicePrefetch":
+        return self
+
+    def __next__(self) -> Any:
+        while len(self._queue) <= self._ahead:
+            try:
+                host = next(self._it)
+            except StopIteration:
+                break
+            self._queue.append((self._put(host), copy.deepcopy(self._it.get_state())))
+        if not self._queue:
+            raise StopIteration
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def get_state(self) -> Any:
+        """The wrapped iterator's state after the last batch handed out."""
+        return self._state
+
+
+def log_row(mets: dict, steps: int, seconds: float, run: Prepared, peak: float) -> dict[str, float]:
+    """A metrics.jsonl row: the last step's metrics, and throughput and MFU over the last `steps` steps."""
+    row = tasks.reduce_metrics(jax.device_get(mets))
+    row.pop("nonfinite")
+    seconds = max(seconds, 1e-9)
+    row[f"{run.task.units}_per_s"] = steps * run.units_per_step / seconds
+    row["mfu"] = steps * run.flops_per_step / seconds / peak
+    return row
+
+
+def evaluate_now(run: Prepared, state: TrainState, step: int) -> dict[str, float]:
+    """`evaluate` over the run's evaluation batches, announced first (a whole split takes a while)."""
+    if jax.process_index() == 0:
+        n = run.config.eval.num_batches
+        tqdm.tqdm.write(f"step {step}: evaluating on {f'{n} batches' if n > 0 else 'the whole split'}", file=sys.stdout)
+    return evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    """Atomically write pretty JSON."""
+    metrics.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict[str, float]:
@@ -421,181 +628,105 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     Raises Preempted (after checkpointing) on SIGTERM/SIGINT, NonFiniteError on a
     non-finite loss (unless train.on_nonfinite='skip'), checkpoint.CheckpointError when a
     save fails and checkpoint.on_error='stop', IncompatibleResume for a mismatched workdir.
+    The metrics file, progress bar and checkpointer are closed on every way out.
     """
     wall_start = time.time()
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
-    mesh_sizes = config_lib.validate(config, jax.device_count())
+    mesh = run_mesh(config)
     if restart and (moved := start_over(workdir_path)):
         print(f"moved the previous run to {moved}", flush=True)
-    header = metrics.run_header() | {"mesh": mesh_sizes}
-
-    mesh, rules, module, task, tx, schedule = setup_model(config, mesh_sizes, hybrid=True)
+    header = metrics.run_header() | {"mesh": dict(mesh.shape)}
 
     # Data: each process keeps its own rows of every global batch (processes whose devices
     # hold the same rows, across a 'sequence' or 'tensor' axis, load the same ones).
-    data = data_lib.build(config, shard=sharding.process_batch_shard(mesh))
-    train_iter = iter(data.train)
-
-    # State: sharded init, then restore the newest intact checkpoint if the workdir has one.
-    root = jax.random.key(config.seed)
-    micro = config.train.batch_size // config.train.grad_accum
-    dummy = {k: np.zeros((micro, *v.shape[1:]), v.dtype) for k, v in next(data.eval_batches()).items()}
-    state, shardings, abstract = sharded_init(init_fn(module, task, tx, dummy), jax.random.fold_in(root, 0), mesh, rules,
-                                              config.sharding.zero1)
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        saved = ckpt.saved_config(latest)
-        diffs = incompatible_keys(saved, config.to_dict()) if saved else []
-        if diffs:
-            ckpt.close()
-            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
-            raise IncompatibleResume(
-                f"{workdir} holds a run (step {latest}) whose config differs in keys that cannot change on "
-                f"resume: {lines}. Use another --workdir, undo the change, or pass --restart to move the old "
-                "run aside and start over"
-            )
-    restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(state, shardings), train_iter)
-    start_step = 0
-    if restored:
-        start_step, state = restored
-        if lead:
-            print(f"resumed from {ckpt.step_dir(start_step)}", flush=True)
-    elif config.init.workdir:
-        state = load_pretrained(state, shardings, config.init.workdir, tuple(config.init.params))
-    if lead:
-        write_json(workdir_path / "config.json", config.to_dict())
-        write_json(workdir_path / "run_info.json", header)
-        print(f"bigmodel run in {workdir}: {json.dumps(header)}", flush=True)
-    params_total = flops.param_count(abstract.params)
-    params_embed = flops.embedding_param_count(abstract.params)
-    params_inactive = flops.inactive_param_count(abstract.params, config.model)  # > 0 for mixtures of experts
-
-    # Steps: compiled ahead of time so compile time is measured apart from step time.
-    batch_sh = sharding.batch_sharding(mesh)
-    repl = sharding.replicated(mesh)
+    run = prepare(config, mesh, data=True, steps=False)
+    train_iter = iter(run.data.train)
+    params_total = flops.param_count(run.abstract.params)
+    params_embed = flops.embedding_param_count(run.abstract.params)
+    params_inactive = flops.inactive_param_count(run.abstract.params, config.model)  # > 0 for mixtures of experts
     skip_nonfinite = config.train.on_nonfinite == "skip"
     # Outside the run's mesh: on a CPU the peak is measured on a mesh of jax.devices() order.
     peak, peak_source = flops.peak_flops()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compile_start = time.time()
-        batches = DevicePrefetch(train_iter, lambda local: sharding.global_batch(local, mesh))
-        first = next(batches)
-        train_step = jax.jit(
-            make_train_step(module, task, tx, schedule, config.train.grad_accum, skip_nonfinite),
-            in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl), donate_argnums=0,
-        ).lower(state, first, jax.random.fold_in(root, 1)).compile()
-        compile_s = time.time() - compile_start
-        eval_step = jax.jit(make_eval_step(module, task), in_shardings=(shardings, batch_sh), out_shardings=repl)
 
-        units_per_step = config.train.batch_size * data.units_per_example
-        flops_per_step = flops.train_flops_per_step(config.model, first, abstract.params)
+    with contextlib.ExitStack() as stack:
+        # State: refuse an incompatible workdir before compiling; then the newest intact
+        # checkpoint, or a fresh sharded initialisation.
+        ckpt = stack.enter_context(opened_checkpointer(workdir, config.checkpoint))
+        check_resumable(ckpt, config, workdir)
+        run.compile_steps()  # ahead of time, so compile time is measured apart from step time
+        start_step, state = restore_or_init(run, ckpt, train_iter)
         if lead:
+            write_json(workdir_path / "config.json", config.to_dict())
+            write_json(workdir_path / "run_info.json", header)
+            print(f"bigmodel run in {workdir}: {json.dumps(header)}", flush=True)
             active = f", active {params_total - params_inactive:,}" if params_inactive else ""
             print(f"params {params_total:,} (non-embedding {params_total - params_embed:,}{active}); "
-                  f"{flops_per_step / units_per_step / 1e6:.2f} MFLOP per {task.units[:-1]}; compile {compile_s:.1f}s; "
-                  f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", flush=True)
+                  f"{run.flops_per_step / run.units_per_step / 1e6:.2f} MFLOP per {run.task.units[:-1]}; "
+                  f"compile {run.compile_s:.1f}s; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", flush=True)
 
         # The loop. Checks that need the host (non-finite values, preemption) happen at log
         # and save boundaries so the device queue stays full in between.
-        writer = metrics.MetricsWriter(workdir, start_step, enabled=lead)
-        bar = tqdm.tqdm(total=config.train.steps, initial=start_step, disable=not (lead and config.log.progress),
-                        unit="step", dynamic_ncols=True, mininterval=1.0)
-        step, pending, window_start, window_steps = start_step, first, time.time(), 0
+        writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, start_step, enabled=lead)))
+        bar = stack.enter_context(tqdm.tqdm(total=config.train.steps, initial=start_step, unit="step",
+                                            disable=not (lead and config.log.progress), dynamic_ncols=True,
+                                            mininterval=1.0))
+        stack.enter_context(run.context())
+        watch = stack.enter_context(PreemptionWatch())
+        batches = DevicePrefetch(train_iter, lambda local: sharding.global_batch(local, mesh))
+        rng, step, window_start, window_steps = run.step_rng, start_step, time.time(), 0
         last_eval: dict[str, float] = {}
         flags: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) since the last check
+        while step < config.train.steps:
+            state, mets = run.train_step(state, next(batches), rng)
+            step += 1
+            window_steps += 1
+            flags.append((step, mets["nonfinite"][0]))
+            bar.update(1)
+            is_last = step == config.train.steps
+            if step % config.log.every == 0 or is_last:
+                check_finite(flags, ckpt, skip_nonfinite)
+                row = log_row(mets, window_steps, time.time() - window_start, run, peak)
+                if skip_nonfinite:
+                    row["skipped_steps"] = int(state.skipped_steps)
+                if step % config.eval.every == 0 or is_last:
+                    last_eval = evaluate_now(run, state, step)
+                    row.update({f"eval_{k}": v for k, v in last_eval.items()})
+                writer.write(step, row)
+                shown = {"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if "bits_per_byte" in last_eval else {}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", **shown)
+            preempt = watch.requested(step)
+            if step % config.checkpoint.every == 0 or is_last or preempt:
+                check_finite(flags, ckpt, skip_nonfinite)
+                guarded(lambda: ckpt.save(step, state, batches, config.to_dict()), config.checkpoint.on_error)
+            if preempt:
+                raise Preempted(f"stopped by signal {watch.signal} after step {step}; checkpoint "
+                                f"{ckpt.step_dir(step)} saved. Run the same command again to resume")
+            if step % config.log.every == 0:
+                # Throughput windows exclude evaluation and the (synchronous part of) saving.
+                window_start, window_steps = time.time(), 0
+        if not last_eval:  # nothing left to train: evaluate what the checkpoint holds
+            last_eval = evaluate(run.eval_step, state, run.data.eval_batches(), mesh)
 
-        def check_finite() -> None:
-            bad = [s for s, f in zip([s for s, _ in flags], jax.device_get([f for _, f in flags])) if f > 0]
-            flags.clear()
-            if bad and not skip_nonfinite:
-                good = ckpt.latest_step()
-                where = f"the last good checkpoint is {ckpt.step_dir(good)}" if good is not None else "no checkpoint yet"
-                raise NonFiniteError(
-                    f"non-finite loss or gradients in step {bad[0]}; halted without saving; {where}. Lower optim.learning_rate, or set "
-                    "train.on_nonfinite='skip' to drop such updates"
-                )
-
-        def checkpoint_guard(action: Callable[[], None]) -> None:
-            try:
-                action()
-            except checkpoint.CheckpointError as e:
-                if config.checkpoint.on_error == "stop":
-                    raise
-                print(f"warning: {e}; training continues and the next save retries", file=sys.stderr, flush=True)
-
-        def save(at: int) -> None:
-            checkpoint_guard(lambda: ckpt.save(at, state, batches, config.to_dict()))
-
-        with PreemptionWatch() as watch:
-            while step < config.train.steps:
-                batch = pending if pending is not None else next(batches)
-                pending = None
-                state, mets = train_step(state, batch, jax.random.fold_in(root, 1))
-                step += 1
-                window_steps += 1
-                flags.append((step, mets["nonfinite"][0]))
-                bar.update(1)
-                is_last = step == config.train.steps
-                if step % config.log.every == 0 or is_last:
-                    check_finite()
-                    row = _scalars(mets)
-                    row.pop("nonfinite")
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    row[f"{task.units}_per_s"] = window_steps * units_per_step / elapsed
-                    row["mfu"] = window_steps * flops_per_step / elapsed / peak
-                    if skip_nonfinite:
-                        row["skipped_steps"] = int(state.skipped_steps)
-                    if step % config.eval.every == 0 or is_last:
-                        if lead:
-                            what = f"{config.eval.num_batches} batches" if config.eval.num_batches > 0 else "the whole split"
-                            tqdm.tqdm.write(f"step {step}: evaluating on {what}", file=sys.stdout)
-                        last_eval = evaluate(eval_step, state, data.eval_batches(), mesh)
-                        row.update({f"eval_{k}": v for k, v in last_eval.items()})
-                    writer.write(step, row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}",
-                                    **({"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if "bits_per_byte" in last_eval else {}))
-                preempt = watch.requested(step)
-                if step % config.checkpoint.every == 0 or is_last or preempt:
-                    check_finite()
-                    save(step)
-                if preempt:
-                    bar.close()
-                    writer.close()
-                    ckpt.close()  # a failed save raises here, before we claim it was saved
-                    raise Preempted(
-                        f"stopped by signal {watch.signal} after step {step}; checkpoint {ckpt.step_dir(step)} "
-                        "saved. Run the same command again to resume"
-                    )
-                if window_steps == 0 or step % config.log.every == 0:
-                    # Throughput windows exclude evaluation and the (synchronous part of) saving.
-                    window_start, window_steps = time.time(), 0
-        bar.close()
-        writer.close()
-        checkpoint_guard(ckpt.close)
-
-    if not last_eval:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            last_eval = evaluate(eval_step, state, data.eval_batches(), mesh)
+    # The summary.
     summary = {
         "step": step,
         **{f"eval_{k}": v for k, v in last_eval.items()},
-        **data.info,
+        **run.data.info,
         "params": params_total,
         "params_nonembed": params_total - params_embed,
         "params_active": params_total - params_inactive,  # = params unless a mixture of experts
-        task.units: step * units_per_step,
-        "flops": step * flops_per_step,
+        run.task.units: step * run.units_per_step,
+        "flops": step * run.flops_per_step,
         "skipped_steps": int(state.skipped_steps),
         "wall_s": time.time() - wall_start,
-        "compile_s": compile_s,
+        "compile_s": run.compile_s,
     }
     if lead:
         write_json(workdir_path / "summary.json", summary)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())
-        baseline = data.info.get("unigram_bits_per_byte")
+        baseline = run.data.info.get("unigram_bits_per_byte")
         versus = f" (unigram entropy {baseline:.3f} bits/byte)" if baseline is not None else ""
         print(f"done: step {step}, eval {shown}{versus}, {summary['wall_s']:.0f}s wall", flush=True)
     return summary

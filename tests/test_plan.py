@@ -1,5 +1,6 @@
 """`bigmodel plan`: per-device memory by mesh (8 fake CPU devices), refusals, and verdicts."""
 
+import math
 import re
 
 import pytest
@@ -132,3 +133,32 @@ def test_mesh_needing_other_device_count_compiles_in_a_child(capfd):
     assert params, out  # analytic and compiled columns both filled, and equal
     assert float(params.group(1)) == float(params.group(2)) == round(expected.params / 1024, 1)
     assert re.search(r"^  temporaries \(XLA\) +[\d.]+ [KM]iB$", out, re.M)
+
+
+def test_prepare_compiles_for_a_mesh_of_other_devices_without_data(monkeypatch):
+    # What an ahead-of-time target needs: the train step for devices this process does not
+    # compute on, from shapes alone.
+    import jax
+
+    from bigmodel import config as config_lib, data as data_lib, flops, sharding, train
+
+    monkeypatch.setattr(data_lib, "build", lambda *a, **k: pytest.fail("prepare read data it did not need"))
+    config = config_lib.load(GPT_TINY + ":tiny", ["train.grad_accum=2"])
+    devices = jax.devices()[4:]
+    run = train.prepare(config, sharding.make_mesh(sharding.axis_sizes(fsdp=4), devices=devices))
+    assert run.data is None and run.batch["inputs"].shape == (8, 64)
+    state_in, batch_in, _ = run.train_step.input_shardings[0]
+    assert {d for s in jax.tree.leaves(state_in) for d in s.device_set} == set(devices)
+    assert batch_in["inputs"].device_set == set(devices)
+    params = jax.tree.leaves(run.abstract_state().params)
+    whole, shard = (sum(math.prod(f(x)) for x in params) for f in (lambda x: x.shape,
+                                                                    lambda x: x.sharding.shard_shape(x.shape)))
+    assert 3.5 < whole / shard <= 4  # fsdp splits all but the small vectors 4 ways
+    assert run.train_step.memory_analysis().temp_size_in_bytes > 0 and run.compile_s > 0
+    assert run.units_per_step == 8 * 64
+    active = flops.param_count(run.abstract.params) - flops.embedding_param_count(run.abstract.params)
+    assert run.flops_per_step == 8 * 64 * flops.gpt_flops_per_token(config.model, active, 64)
+    # Without a mesh: the shapes alone, nothing compiled.
+    shapes = train.prepare(config)
+    assert shapes.shardings is None and shapes.train_step is None
+    assert flops.param_count(shapes.abstract.params) == 132_864

@@ -4,9 +4,10 @@ import json
 import pathlib
 
 import pytest
+import tqdm
 from tensorboard.backend.event_processing import event_accumulator
 
-from bigmodel import cli, generate, metrics
+from bigmodel import checkpoint, cli, generate, metrics, train
 
 from conftest import GPT_TINY
 
@@ -86,6 +87,30 @@ def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_overrides):
     before = (tmp_path / "metrics.jsonl").read_text()
     assert train_cli(tmp_path, overrides) == 0
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_an_interrupted_run_closes_what_it_opened_and_resumes(tmp_path, tiny_overrides, monkeypatch):
+    closed = []
+
+    def recording(cls, name, closes_it=lambda obj: True):
+        original = cls.close
+        monkeypatch.setattr(cls, "close", lambda self: (closes_it(self) and closed.append(name), original(self)))
+
+    recording(checkpoint.Checkpointer, "checkpointer")
+    recording(metrics.MetricsWriter, "writer")
+    recording(tqdm.tqdm, "bar", lambda bar: bar.total == 6)  # the run's, not those of the data preparation
+    overrides = tiny_overrides + ["train.steps=6", "log.every=2", "eval.every=4", "checkpoint.every=2",
+                                  "checkpoint.async_save=true"]
+    with monkeypatch.context() as m:
+        m.setattr(train, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C at step 4's eval
+        with pytest.raises(KeyboardInterrupt):
+            train_cli(tmp_path, overrides)
+    assert list(dict.fromkeys(closed)) == ["bar", "writer", "checkpointer"]  # each closed, in this order first
+    # Closing finished the asynchronous save of step 2; the row of step 4 was never written.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [2]
+    assert train_cli(tmp_path, overrides) == 0
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [2, 4, 6]
 
 
 def test_generate_samples_from_the_checkpoint(tiny_run, capsys):
