@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from bigmodel import checkpoint, sharding, train
-from bigmodel.data import pipeline
+from bigmodel.data import pipeline, tokenizers
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any]:
@@ -34,7 +34,9 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
         state = ckpt.restore(step, run.abstract_state(), None)
     finally:
         ckpt.close()
-    tokenizer = pipeline.make_tokenizer(config.data, pipeline.text_source(config.data))
+    tokenizer = tokenizers.load(workdir)
+    if tokenizer is None:  # a workdir written before runs kept their tokenizer
+        tokenizer = pipeline.make_tokenizer(config.data, pipeline.text_source(config.data))
     return config, run.module, {"params": state.params, **state.model_state}, tokenizer
 
 

@@ -37,6 +37,7 @@ import tqdm
 from jax.sharding import PartitionSpec as P
 
 from bigmodel import checkpoint, config as config_lib, data as data_lib, flops, metrics, models, sharding, tasks
+from bigmodel.data import tokenizers
 from bigmodel.models import moe
 
 
@@ -660,6 +661,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         if lead:
             write_json(workdir_path / "config.json", config.to_dict())
             write_json(workdir_path / "run_info.json", header)
+            if run.data.tokenizer is not None:
+                tokenizers.save(run.data.tokenizer, workdir_path)  # for generate, eval and export
             print(f"bigmodel run in {workdir}: {json.dumps(header)}", flush=True)
             active = f", active {params_total - params_inactive:,}" if params_inactive else ""
             print(f"params {params_total:,} (non-embedding {params_total - params_embed:,}{active}); "

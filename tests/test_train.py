@@ -51,6 +51,8 @@ def test_workdir_contents(tiny_run):
     info = json.loads((tiny_run / "run_info.json").read_text())
     assert info["device_count"] == 8 and info["jax"] and info["git_revision"]
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == ["20", "40"]
+    saved = json.loads((tiny_run / "tokenizer" / "bigmodel_tokenizer.json").read_text())
+    assert saved == {"kind": "byte", "vocab_size": 257, "eod_id": 256}
 
 
 def test_tensorboard_has_the_curves(tiny_run):
@@ -113,7 +115,9 @@ def test_an_interrupted_run_closes_what_it_opened_and_resumes(tmp_path, tiny_ove
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [2, 4, 6]
 
 
-def test_generate_samples_from_the_checkpoint(tiny_run, capsys):
+def test_generate_samples_from_the_checkpoint(tiny_run, capsys, monkeypatch):
+    # The run's saved tokenizer is used: the dataset is not rebuilt.
+    monkeypatch.setattr(generate.pipeline, "text_source", lambda *a: pytest.fail("generate rebuilt the dataset"))
     greedy = generate.generate_from_workdir(str(tiny_run), "def ", max_tokens=30, temperature=0.0)
     top1 = generate.generate_from_workdir(str(tiny_run), "def ", max_tokens=30, temperature=1.0, top_k=1, seed=5)
     assert greedy.startswith("def ") and len(greedy) > 4

@@ -1,5 +1,11 @@
 """Tokenizers: bytes (the default), a SentencePiece BPE trained on the train split, and a
-Hugging Face fast tokenizer (tokenizer.json, e.g. one shipped with an imported checkpoint)."""
+Hugging Face fast tokenizer (tokenizer.json, e.g. one shipped with an imported checkpoint).
+
+A run keeps its tokenizer in `WORKDIR/tokenizer/` (`save`, `load`): `tokenizer.json` (kind,
+vocabulary size, end-of-document id, SHA-256 of the model file) and, for SentencePiece and
+Hugging Face tokenizers, a copy of the model file, so generation, evaluation and export read
+the exact vocabulary the run trained with, without rebuilding its dataset.
+"""
 
 from __future__ import annotations
 
@@ -200,3 +206,64 @@ def spm_path(data_dir: str | os.PathLike, dataset_id: str, vocab_size: int) -> p
     """Where the SentencePiece model for a dataset and vocabulary size is cached."""
     digest = hashlib.sha1(dataset_id.encode()).hexdigest()[:12]
     return pathlib.Path(data_dir) / "bigmodel_spm" / f"{digest}_v{vocab_size}.model"
+
+
+RUN_DIR = "tokenizer"  # WORKDIR/tokenizer/: the run's tokenizer (see `save`)
+INFO_FILE = "bigmodel_tokenizer.json"
+MODEL_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+
+
+def kind(tokenizer: Tokenizer) -> str | None:
+    """'byte', 'sentencepiece' or 'hf'; None for a task's own vocabulary (e.g. the digit tasks' characters)."""
+    for name, cls in (("byte", ByteTokenizer), ("sentencepiece", SentencePieceTokenizer), ("hf", HFTokenizer)):
+        if isinstance(tokenizer, cls):
+            return name
+    return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> pathlib.Path | None:
+    """Write `tokenizer` to DIRECTORY/tokenizer/ (model file first, the info file last, each atomically).
+
+    Returns the folder, or None for a tokenizer of a kind this module does not know (nothing written).
+    """
+    name = kind(tokenizer)
+    if name is None:
+        return None
+    target = pathlib.Path(directory) / RUN_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    info = {"kind": name, "vocab_size": int(tokenizer.vocab_size), "eod_id": int(tokenizer.eod_id)}
+    if name in MODEL_FILES:
+        source, model = pathlib.Path(tokenizer.path), target / MODEL_FILES[name]
+        if source.resolve() != model.resolve():
+            with tempfile.NamedTemporaryFile(dir=target, delete=False) as tmp:
+                tmp.write(source.read_bytes())
+            os.replace(tmp.name, model)
+        info.update(file=model.name, sha256=file_sha256(model))
+    with tempfile.NamedTemporaryFile("w", dir=target, delete=False) as tmp:
+        json.dump(info, tmp, indent=2, sort_keys=True)
+    os.replace(tmp.name, target / INFO_FILE)
+    return target
+
+
+def load(directory: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer `save` wrote under DIRECTORY/tokenizer/, or None if there is none (older workdirs)."""
+    target = pathlib.Path(directory) / RUN_DIR
+    if not (target / INFO_FILE).exists():
+        return None
+    info = json.loads((target / INFO_FILE).read_text())
+    if info["kind"] == "byte":
+        return ByteTokenizer()
+    model = target / info["file"]
+    if not model.exists() or file_sha256(model) != info["sha256"]:
+        raise ValueError(f"{model} is missing or does not match the SHA-256 in {target / INFO_FILE}; the run's "
+                         "tokenizer was changed after training: restore it or retrain")
+    return SentencePieceTokenizer(model) if info["kind"] == "sentencepiece" else HFTokenizer(model)
