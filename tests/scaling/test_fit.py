@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from bigmodel.scaling import cli
-from bigmodel.scaling import fit as F
+from bigmodel.scaling import cli, fit as F
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 TRUE = dict(E=1.7, A=400.0, B=1500.0, alpha=0.33, beta=0.30)
 
 
@@ -81,8 +79,8 @@ def write_csv(path: Path, columns: dict[str, list], extra: bool = True) -> Path:
 # ------------------------------------------------------------------------------------------
 
 
-def test_reference_refit_matches_published_within_standard_errors():
-    data = F.read_chinchilla_reference(REFERENCE / "chinchilla_fig4_epoch_extracted.csv")
+def test_reference_refit_matches_published_within_standard_errors(reference_file):
+    data = F.read_chinchilla_reference(reference_file("chinchilla_fig4_epoch_extracted.csv"))
     assert len(data) == 245
     data = F.drop_highest_loss(data, 5)
     assert len(data) == 240 and data.loss.max() < 4.0
