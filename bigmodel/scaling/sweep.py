@@ -67,14 +67,14 @@ from typing import Any
 
 import ml_collections
 
-from bigmodel import config as config_lib
+from bigmodel import config as config_lib, exit_codes
 from bigmodel.config import ConfigError
 from bigmodel.scaling import report
 
 POLL_S = 0.5  # how often the local runner looks at its child processes
 ERROR_LINES = 3  # stderr lines kept as a failed run's error
 STOP_TIMEOUT_S = 300  # how long a stopped run may take to write its checkpoint
-PREEMPTED_EXIT_CODE = 75  # `bigmodel train` after saving on SIGTERM; the sweep uses it alike
+PREEMPTED_EXIT_CODE = exit_codes.PREEMPTED  # `bigmodel train` after saving on SIGTERM; the sweep uses it alike
 LADDER_FIELDS = {  # model family -> the fields a (width, depth) point sets
     "gpt": ("d_model", "num_heads", "num_layers"),
     "rnn": ("d_model", "hidden", "num_layers"),
@@ -133,6 +133,7 @@ def load_sweep_config(spec: str, overrides: Sequence[str] = ()) -> ml_collection
             raise ConfigError(f"{spec} has no {group!r} group; a sweep config needs base, sweep and families")
     if config.sweep.mode not in ("grid", "isoflop"):
         raise ConfigError(f"config.sweep.mode={config.sweep.mode!r}; use 'grid' or 'isoflop'")
+    config_lib.check_values(config)
     return config
 
 
