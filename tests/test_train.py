@@ -28,6 +28,7 @@ def tiny_run(tmp_path_factory, data_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_tiny_trains_and_loss_falls(tiny_run):
     rows = metrics.read_jsonl(tiny_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
@@ -44,6 +45,7 @@ def test_tiny_trains_and_loss_falls(tiny_run):
     assert 0 < rows[-1]["mfu"] < 1
 
 
+@pytest.mark.slow
 def test_workdir_contents(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["train"]["steps"] == 40 and config["model"]["size"] == "nano"
@@ -52,6 +54,7 @@ def test_workdir_contents(tiny_run):
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == ["20", "40"]
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_curves(tiny_run):
     acc = event_accumulator.EventAccumulator(str(tiny_run))
     acc.Reload()
@@ -63,6 +66,7 @@ def test_tensorboard_has_the_curves(tiny_run):
     assert losses == pytest.approx([r["loss"] for r in rows])
 
 
+@pytest.mark.slow
 def test_stop_and_resume_matches_uninterrupted(tmp_path, tiny_overrides):
     common = tiny_overrides + ["optim.decay_steps=12", "log.every=2", "eval.every=4", "checkpoint.every=4"]
     assert train_cli(tmp_path / "straight", common + ["train.steps=12"]) == 0
@@ -80,6 +84,7 @@ def test_stop_and_resume_matches_uninterrupted(tmp_path, tiny_overrides):
     assert [r["step"] for r in resumed if "eval_loss" in r] == [4, 6, 8, 12]
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_overrides):
     overrides = tiny_overrides + ["train.steps=5", "eval.every=5"]
     assert train_cli(tmp_path, overrides) == 0
@@ -88,6 +93,7 @@ def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_overrides):
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_generate_samples_from_the_checkpoint(tiny_run, capsys):
     greedy = generate.generate_from_workdir(str(tiny_run), "def ", max_tokens=30, temperature=0.0)
     top1 = generate.generate_from_workdir(str(tiny_run), "def ", max_tokens=30, temperature=1.0, top_k=1, seed=5)

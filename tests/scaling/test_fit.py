@@ -79,6 +79,7 @@ def write_csv(path: Path, columns: dict[str, list], extra: bool = True) -> Path:
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Hoffmann et al.'s 4,500-start fit
 def test_reference_refit_matches_published_within_standard_errors(reference_file):
     data = F.read_chinchilla_reference(reference_file("chinchilla_fig4_epoch_extracted.csv"))
     assert len(data) == 245
