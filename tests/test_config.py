@@ -164,7 +164,7 @@ def test_value_rules_apply_at_any_depth_and_keep_special_values():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.steps=-5", r"config.train.steps=-5 is out of range: it must be a positive integer; set --config.train.steps"),
+    ("train.steps=-5", r"config.train.steps=-5 is out of range: it must be a positive integer; set --config.train"),
     ("optim.b2=1.0", r"config.optim.b2=1.0 is out of range: it must be a number in \[0, 1\)"),
     ("optim.learning_rate=inf", r"config.optim.learning_rate=inf is out of range: it must be a number > 0"),
     ("log.every=0", r"config.log.every=0 is out of range"),  # checked before eval.every % log.every divides by it

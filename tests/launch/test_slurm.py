@@ -39,7 +39,8 @@ def slurm_problem() -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 30 s"
     if "idle" not in done.stdout.split():
-        return f"no idle node (sinfo: {(done.stdout + done.stderr).strip()[:200] or 'no nodes'})"
+        said = (done.stdout.strip() or done.stderr.strip()).splitlines()  # the node states, or sinfo's last error
+        return f"no idle node (sinfo: {said[-1][:200] if said else 'no nodes'})"
     return None
 
 
