@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import pathlib
 import sys
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
+from bigmodel import exit_codes
 from bigmodel.config import ConfigError
-
-# Exit codes besides 0 (done), 2 (config error) and 75 (preempted, checkpoint saved: rerun).
-EXIT_NONFINITE = 3
-EXIT_CHECKPOINT = 74  # EX_IOERR
 
 # Modules that add their own subcommands through `register(subparsers)`.
 COMMAND_MODULES = ("bigmodel.scaling.cli", "bigmodel.launch", "bigmodel.plan", "bigmodel.scaling.sweep", "bigmodel.hf",
                    "bigmodel.seq2seq_eval", "bigmodel.bench")
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "BIGMODEL_DEBUG"
+# Errors a user causes with a wrong path, printed as one line like config errors.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class UsageError(Exception):
+    """A command line the parser refuses; the message names the subcommand."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (raised, then printed by main) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise UsageError pointing at this (sub)command's --help."""
+        raise UsageError(f"{self.prog}: {message}; see {self.prog} --help")
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -40,23 +56,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train or resume a run."""
     from bigmodel import config as config_lib, distributed
 
+    config = config_lib.load(args.config, args.overrides)
     # Join the multi-process run (if any) before anything touches a JAX device.
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
     from bigmodel import checkpoint, train
 
-    config = config_lib.load(args.config, args.overrides)
+    config_lib.validate(config, jax.device_count())  # before the trainer creates the workdir
     try:
         train.train(config, args.workdir, restart=args.restart)
     except train.Preempted as e:
         print(f"bigmodel: preempted: {e}", file=sys.stderr, flush=True)
-        return train.PREEMPTED_EXIT_CODE
+        return exit_codes.PREEMPTED
     except train.NonFiniteError as e:
         print(f"bigmodel: {e}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
+        return exit_codes.NONFINITE
     except checkpoint.CheckpointError as e:
         print(f"bigmodel: checkpoint error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CHECKPOINT
-    return 0
+        return exit_codes.CHECKPOINT
+    return exit_codes.OK
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -68,12 +87,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, seed=args.seed, step=args.step,
     )
     print(text)
-    return 0
+    return exit_codes.OK
+
+
+def _at_least_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type: `kind` (int or float) refusing negative and non-finite values."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {noun} >= 0, got {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expects {noun} >= 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _refuse_negative_numbers(parser: argparse.ArgumentParser) -> None:
+    """No numeric option of the command takes a negative value: plain int/float options refuse one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _refuse_negative_numbers(sub)
+        elif action.type in (int, float):
+            action.type = _at_least_zero(action.type)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="bigmodel", description=__doc__)
+    parser = Parser(prog="bigmodel", description=__doc__)
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"show the traceback of an error (anywhere on the line; or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a run; --config.KEY=VALUE overrides any config value")
@@ -99,25 +147,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _refuse_negative_numbers(parser)
     return parser
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse a missing --config file and a --workdir that is a file, before any subcommand starts work."""
+    config = getattr(args, "config", None)
+    if isinstance(config, str):
+        path = config.partition(":")[0] if not config.endswith(".json") else config
+        if not pathlib.Path(path).is_file():
+            raise ConfigError(f"config file {path!r} does not exist; pass --config experiments/<name>.py[:VARIANT] "
+                              "or a workdir's config.json")
+    workdir = getattr(args, "workdir", None)
+    if workdir is not None and pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
+        raise ConfigError(f"workdir {str(workdir)!r} is a file, not a directory; pass a directory (a new one is "
+                          "created)")
+
+
+def _one_line(text: str) -> str:
+    """A message folded onto one line."""
+    return " ".join(str(text).split())
+
+
+def _run(argv: list[str]) -> int:
+    """Parse and run one command; errors propagate to main."""
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
+    if overrides and not getattr(args, "takes_overrides", False):
+        raise ConfigError(f"--config.* overrides do not apply to {args.command!r}; remove them")
+    _check_paths(args)
+    return int(args.func(args) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `bigmodel` console script."""
+    """Entry point of the `bigmodel` console script: every error a user can cause ends in one line on stderr."""
     from bigmodel import runtime
 
     runtime.configure()  # malloc and XLA:CPU settings, before JAX starts
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     try:
-        rest, overrides = _split_overrides(argv)
-        args = build_parser().parse_args(rest)
-        args.overrides = overrides
-        if overrides and not getattr(args, "takes_overrides", False):
-            raise ConfigError(f"--config.* overrides do not apply to {args.command!r}")
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"bigmodel: config error: {e}", file=sys.stderr)
-        return 2
+        return _run(argv)
+    except Exception as e:
+        if debug:
+            raise
+        from bigmodel.scaling.fit import ScalingDataError
+
+        if isinstance(e, UsageError):
+            message, code = str(e), exit_codes.USAGE
+        elif isinstance(e, ConfigError):
+            message, code = f"bigmodel: config error: {e}", exit_codes.USAGE
+        elif isinstance(e, ScalingDataError):
+            message, code = f"bigmodel: {e}", exit_codes.USAGE
+        elif isinstance(e, PATH_ERRORS):
+            what = f"{e.strerror}: {e.filename!r}" if e.filename else str(e)
+            message, code = f"bigmodel: {what}; check the path", exit_codes.USAGE
+        else:
+            message, code = (f"bigmodel: unexpected {type(e).__name__}: {e}; rerun with {DEBUG_FLAG} (or "
+                             f"{DEBUG_ENV}=1) for the traceback"), exit_codes.ERROR
+        print(_one_line(message), file=sys.stderr, flush=True)
+        return code
+    except SystemExit as e:  # a subcommand's own one-line exit (raise SystemExit("message"))
+        if isinstance(e.code, str) and not debug:
+            print(_one_line(e.code), file=sys.stderr, flush=True)
+            return exit_codes.ERROR
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("bigmodel: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ refuses bad input before anything compiles, naming the key and the fix.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
+import fnmatch
 import importlib.util
 import json
 import math
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -81,7 +84,14 @@ def _load_python(spec: str) -> ml_collections.ConfigDict:
     module = experiment_module(file)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg); every experiment file needs one")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (ValueError, KeyError) as e:
+        if not arg:
+            raise
+        message = str(e.args[0]) if e.args else type(e).__name__
+        hint = "" if "':" in message else f"; {path}'s docstring lists its variants"
+        raise ConfigError(f"{path}:{arg}: {message}{hint}") from None
     return ml_collections.ConfigDict(config)
 
 
@@ -111,7 +121,8 @@ def parse_value(raw: str, current: Any, key: str) -> Any:
     """Convert the command-line string `raw` to the type of the value it replaces."""
     where = f"config.{key}"
     if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"{where} is a group; set one of its keys, e.g. --{where}.{next(iter(current.keys()), 'KEY')}=...")
+        example = next(iter(current.keys()), "KEY")
+        raise ConfigError(f"{where} is a group; set one of its keys, e.g. --{where}.{example}=...")
     if isinstance(current, bool):
         lowered = raw.strip().lower()
         if lowered in ("true", "1", "yes"):
@@ -158,6 +169,116 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
     value = parse_value(raw, node[leaf], key)
     with node.unlocked():
         node[leaf] = value
+
+
+# --------------------------------------------------------------------------- value ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config key may take: an interval (optionally integers only) plus special values."""
+
+    text: str  # the rule as error messages state it
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # the interval excludes `low`
+    high_open: bool = False  # the interval excludes `high`
+    integer: bool = False
+    special: tuple[int, ...] = ()  # values allowed outside the interval
+
+    def allows(self, value: float) -> bool:
+        """Whether value satisfies the rule."""
+        if value in self.special:
+            return True
+        if not math.isfinite(value) or (self.integer and not float(value).is_integer()):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+POSITIVE_INT = Range("a positive integer", low=1, integer=True)
+COUNT = Range("an integer >= 0", low=0, integer=True)
+MESH_SIZE = Range("a positive integer, or -1 for the devices left", low=1, integer=True, special=(-1,))
+POSITIVE = Range("a number > 0", low=0, low_open=True)
+NON_NEGATIVE = Range("a number >= 0", low=0)
+FINITE = Range("a finite number")
+SHARE = Range("a number in (0, 1)", low=0, high=1, low_open=True, high_open=True)
+UNIT = Range("a number in [0, 1]", low=0, high=1)
+DECAY = Range("a number in [0, 1)", low=0, high=1, high_open=True)  # Adam's betas, warmup shares
+
+# Every numeric config key outside `model` (whose fields the model families check) has a rule here. A
+# pattern (fnmatch; '*' spans dots) applies to a key when it matches the key's dotted path or a tail of it,
+# so 'train.steps' also covers a sweep's 'base.train.steps'; the first matching pattern wins.
+VALUE_RULES: dict[str, Range] = {
+    "seed": COUNT,
+    "train.steps": POSITIVE_INT,
+    "train.grad_accum": POSITIVE_INT,
+    "*.batch_size": POSITIVE_INT,  # train and eval
+    "*.every": POSITIVE_INT,  # eval, checkpoint and log intervals in steps
+    "checkpoint.keep": POSITIVE_INT,
+    "eval.num_batches": COUNT,  # 0: the whole split (classification)
+    "optim.learning_rate": POSITIVE,
+    "optim.warmup_steps": COUNT,
+    "optim.decay_steps": COUNT,  # 0: train.steps
+    "optim.end_lr_ratio": UNIT,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.b1": DECAY,
+    "optim.b2": DECAY,
+    "optim.eps": POSITIVE,
+    "optim.grad_clip": NON_NEGATIVE,  # 0: no clipping
+    "mesh.slices": POSITIVE_INT,
+    "mesh.*": MESH_SIZE,
+    "data.*_len": POSITIVE_INT,  # seq_len, source_len, target_len
+    "data.validation_fraction": SHARE,  # both splits must hold files
+    "data.test_fraction": SHARE,
+    "data.mask_rate": Range("a number in (0, 1]", low=0, high=1, low_open=True),
+    "data.*_fraction": UNIT,  # mask_token_fraction, random_token_fraction
+    "data.*_id": COUNT,  # bos_id, eos_id
+    "data.prefetch": COUNT,
+    "data.threads": COUNT,
+    "data.crop_padding": COUNT,
+    "data.spm_vocab_size": POSITIVE_INT,
+    "data.max_digits": POSITIVE_INT,
+    "data.*snippets_per_class": POSITIVE_INT,
+    "sweep.base_width": POSITIVE_INT,
+    "sweep.head_dim": POSITIVE_INT,
+    "sweep.num_layers": COUNT,  # 0: width / aspect_ratio
+    "sweep.aspect_ratio": POSITIVE,
+    "sweep.lr_exponent": FINITE,
+    "sweep.warmup_fraction": DECAY,  # 0: the base config's warmup_steps
+    "sweep.min_steps": POSITIVE_INT,
+    "sweep.fit_bootstrap": COUNT,
+}
+
+
+def numeric_keys(config: ml_collections.ConfigDict, skip: Sequence[str] = ("model",),
+                 prefix: str = "") -> Iterator[tuple[str, int | float]]:
+    """(dotted key, value) of every int or float leaf (bools excluded), outside groups named in `skip`."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            if key not in skip:
+                yield from numeric_keys(value, skip, f"{path}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield path, value
+
+
+def value_rule(key: str) -> Range | None:
+    """The VALUE_RULES entry for a dotted key, or None if none matches."""
+    parts = key.split(".")
+    tails = [".".join(parts[i:]) for i in range(len(parts))]
+    return next((rule for pattern, rule in VALUE_RULES.items() if any(fnmatch.fnmatchcase(t, pattern) for t in tails)),
+                None)
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Refuse a numeric value outside its VALUE_RULES range, naming the key and what it must be."""
+    for key, value in numeric_keys(config):
+        rule = value_rule(key)
+        if rule is not None and not rule.allows(value):
+            raise ConfigError(f"config.{key}={value!r} is out of range: it must be {rule.text}; "
+                              f"set --config.{key} to such a value")
 
 
 def _check_attention_heads(model: ml_collections.ConfigDict, tensor: int, rules: dict) -> None:
@@ -249,6 +370,18 @@ def _check_sequence_axis(data: ml_collections.ConfigDict, sequence: int) -> None
             )
 
 
+def _check_data_source(data: ml_collections.ConfigDict) -> None:
+    """A text_files source must name existing files ('' is this Python's standard library)."""
+    if "source" not in data or not data.source or "name" not in data or data.name != "text_files":
+        return
+    from bigmodel.data import text_files  # imports TFDS: only for a source the user named
+
+    try:
+        text_files.resolve_files(data.source)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e} of text files (quote a glob in the shell), or '' for the standard library") from None
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Refuse impossible combinations before compiling; returns the resolved mesh sizes."""
     for group in ("model", "data", "optim", "train", "eval", "checkpoint", "mesh", "sharding", "log"):
@@ -257,12 +390,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     from bigmodel import models  # here, not at the top: bigmodel.models imports this module
 
     models.check(config.model)
+    check_values(config)
+    _check_data_source(config.data)
     sizes = mesh_shape(config.mesh, num_devices)
     batch_axes = math.prod(sizes[a] for a in BATCH_AXES)
     batch_name = "*".join(BATCH_AXES)
     train = config.train
-    if train.batch_size <= 0 or train.grad_accum <= 0:
-        raise ConfigError("config.train.batch_size and config.train.grad_accum must be positive")
     if train.batch_size % train.grad_accum:
         raise ConfigError(
             f"config.train.batch_size={train.batch_size} is not divisible by config.train.grad_accum="
@@ -304,7 +437,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         )
     if "dtype" in model and model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={model.dtype!r}; use 'float32' or 'bfloat16'")
-    if config.log.every <= 0 or config.eval.every % config.log.every:
+    if config.eval.every % config.log.every:
         raise ConfigError(
             f"config.eval.every={config.eval.every} must be a multiple of config.log.every={config.log.every} "
             "(evaluation results are logged on the same metrics row)"
@@ -314,8 +447,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         group, leaf = key.split(".")
         if config[group][leaf] not in allowed:
             raise ConfigError(f"config.{key}={config[group][leaf]!r}; use one of {allowed}")
-    if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
-        raise ConfigError("config.checkpoint.every and config.checkpoint.keep must be positive")
     if "zero1" not in config.sharding or not isinstance(config.sharding.zero1, bool):
         raise ConfigError(
             "config.sharding.zero1 must be true or false (shard Adam's moments over the 'data' axis); add "

@@ -358,7 +358,6 @@ def prepare(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = 
 # --------------------------------------------------------------------------- 5. faults and resume
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the Slurm launcher requeues on it
 # Keys whose change makes a checkpoint meaningless for the new config.
 INCOMPATIBLE_KEYS = ("task", "model", "data.name", "data.kind", "data.source", "data.tokenizer",
                      "data.spm_vocab_size", "data.seq_len", "data.text_key", "data.validation_fraction",

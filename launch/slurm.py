@@ -20,12 +20,12 @@ import sys
 from typing import Mapping, Sequence
 
 from bigmodel.config import ConfigError
+from bigmodel.exit_codes import PREEMPTED  # `bigmodel train` stopped by TERM after checkpointing
 from bigmodel.launch import parse_env, train_command
 
 # Seconds of notice before the time limit: enough for a checkpoint to be written.
 NOTICE_S = 120
 STOP_WAIT_S = 60
-PREEMPTED = 75  # exit status of `bigmodel train` stopped by TERM after checkpointing (train.PREEMPTED_EXIT_CODE)
 
 
 def resumable_directives() -> list[str]:

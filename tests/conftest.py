@@ -1,16 +1,16 @@
-"""Test setup: 8 fake CPU devices (set before JAX is imported) and a small real corpus."""
+"""Test setup: 8 fake CPU devices (set before JAX is imported), a small real corpus, reference data."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import pathlib  # noqa: E402
-import sysconfig  # noqa: E402
+import pathlib
+import sysconfig
 
-import pytest  # noqa: E402
+import pytest
 
-from bigmodel import runtime  # noqa: E402
+from bigmodel import runtime
 
 runtime.configure()  # as the `bigmodel` command does, before JAX starts
 
@@ -35,3 +35,28 @@ def tiny_overrides(data_dir) -> list[str]:
         f"data.data_dir={data_dir}",
         "log.progress=false",
     ]
+
+
+REFERENCE_DIR_ENV = "BIGMODEL_REFERENCE_DIR"
+# Published data the tests compare against but the repository may not hold (no licence): where to get each file.
+REFERENCE_SOURCES = {
+    "chinchilla_fig4_epoch_extracted.csv": "data/svg_extracted_data.csv of Epoch AI's analyzing-chinchilla "
+                                           "repository (the runs of Hoffmann et al. 2022, Fig. 4, digitised)",
+}
+
+
+@pytest.fixture
+def reference_file():
+    """reference_file(NAME): the path of $BIGMODEL_REFERENCE_DIR/NAME; the test is skipped if it is not there."""
+
+    def find(name: str) -> pathlib.Path:
+        directory = os.environ.get(REFERENCE_DIR_ENV, "")
+        path = pathlib.Path(directory, name)
+        if directory and path.is_file():
+            return path
+        missing = f"{path} does not exist" if directory else f"{REFERENCE_DIR_ENV} is not set"
+        pytest.skip(f"reference data {name} not provided ({missing}); it is {REFERENCE_SOURCES[name]}, kept out of "
+                    f"the repository for want of a licence: save it as {name} in a directory and set "
+                    f"{REFERENCE_DIR_ENV} to that directory (.ci/run uses ../shared/reference)")
+
+    return find

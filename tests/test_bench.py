@@ -19,6 +19,7 @@ def bench(capsys, kind, overrides, *extra):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_bench_train_reports_every_figure(capsys, tiny_overrides):
     (result,) = bench(capsys, "train", tiny_overrides, "--steps", "3")
     for key in ("name", "device_kind", "device_count", "tokens_per_s", "step_s", "compile_s", "flops_per_token",
@@ -35,6 +36,7 @@ def test_bench_data_counts_tokens(capsys, tiny_overrides):
     assert result["tokens_per_s"] == pytest.approx(20 * 8 * 64 / result["seconds"])
 
 
+@pytest.mark.slow
 def test_bench_compare_uses_the_same_model(capsys, tiny_overrides):
     ours, theirs, ratio = bench(capsys, "compare", tiny_overrides + ["mesh.data=8"], "--steps", "2")
     assert theirs["params"] == ours["params"]  # identical shapes
@@ -65,6 +67,7 @@ def test_profile_parts_name_the_pass_and_the_module(op_name, part):
     assert bench_lib.part_of(op_name) == part
 
 
+@pytest.mark.slow
 def test_bench_train_profile_says_where_the_time_goes(tmp_path, tiny_overrides):
     # A child process: XLA:CPU records per-operation times only with a flag read when JAX starts.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")

@@ -31,7 +31,8 @@ def test_variant_changes_the_config():
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"unknown config key.*'stepz'.*did you mean 'steps'"):
         load("train.stepz=3")
-    with pytest.raises(ConfigError, match=r"unknown config key 'config.optimizer.learning_rate': config has no key 'optimizer'; did you mean 'optim'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'config.optimizer.learning_rate': config has no key "
+                                          r"'optimizer'; did you mean 'optim'"):
         load("optimizer.learning_rate=3")
 
 
@@ -63,8 +64,8 @@ def test_missing_value_and_missing_file():
         (["mesh.data=2", "mesh.expert=4", "train.batch_size=12"], 8,
          r"batch_size=12 .* not divisible by the data-parallel size data\*fsdp\*expert=8; use a multiple of 8"),
         (["mesh.data=2", "mesh.sequence=4", "data.seq_len=62"], 8,
-         r"config.data.seq_len=62 is not divisible by the sequence axis config.mesh.sequence=4; make "
-         r"config.data.seq_len a multiple of 4 or lower config.mesh.sequence"),
+         (r"config.data.seq_len=62 is not divisible by the sequence axis config.mesh.sequence=4; make "
+          r"config.data.seq_len a multiple of 4 or lower config.mesh.sequence")),
         (["mesh.data=4", "mesh.fsdp=2", "mesh.slices=3"], 8,
          r"config.mesh.slices=3 must be a positive divisor of the axis it spans, config.mesh.data=4"),
         (["mesh.dcn_axis=pipeline"], 8, r"config.mesh.dcn_axis='pipeline'; use one of"),
@@ -85,7 +86,8 @@ def test_validation_errors(overrides, devices, message):
 
 
 def test_valid_config_resolves_the_mesh():
-    assert config_lib.validate(load("mesh.fsdp=2"), 8) == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+    sizes = config_lib.validate(load("mesh.fsdp=2"), 8)
+    assert sizes == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
     assert config_lib.validate(load("mesh.sequence=2", "mesh.slices=2", "mesh.dcn_axis=sequence"), 8)["data"] == 4
     # The batch is split over data*fsdp*expert only: 4 rows can run on 8 devices with sequence=8.
     c = load("mesh.data=1", "mesh.sequence=8", "train.batch_size=4", "eval.batch_size=4")
@@ -99,7 +101,8 @@ def test_every_mesh_key_must_be_named(key):
         del c.mesh[key]
     default = repr(config_lib.MESH_KEYS[key])
     with pytest.raises(ConfigError, match=rf"config.mesh has no '{key}': every config names every mesh axis "
-                                          rf"\(data, fsdp, expert, sequence, tensor\).* add `c.mesh.{key} = {default}`"):
+                                          rf"\(data, fsdp, expert, sequence, tensor\).* "
+                                          rf"add `c.mesh.{key} = {default}`"):
         config_lib.validate(c, 8)
     with c.unlocked():
         c.mesh[key] = config_lib.MESH_KEYS[key]
@@ -110,8 +113,8 @@ def test_every_mesh_key_must_be_named(key):
 
 def test_sequence_axis_needs_a_sequence_model():
     c = config_lib.load(str(REPO / "experiments" / "resnet_digits.py") + ":tiny", ["mesh.data=4", "mesh.sequence=2"])
-    with pytest.raises(ConfigError, match=r"config.mesh.sequence=2 splits the sequence dimension, but this config has no "
-                                          r"config.data.seq_len .*; set config.mesh.sequence=1"):
+    with pytest.raises(ConfigError, match=r"config.mesh.sequence=2 splits the sequence dimension, but this config "
+                                          r"has no config.data.seq_len .*; set config.mesh.sequence=1"):
         config_lib.validate(c, 8)
 
 
@@ -144,3 +147,28 @@ def test_float_override_roundtrip(value):
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
 def test_string_override_is_verbatim(value):
     assert load(f"data.source={value}").data.source == value
+
+
+def test_value_rules_apply_at_any_depth_and_keep_special_values():
+    assert config_lib.value_rule("train.steps") is config_lib.value_rule("base.train.steps") is config_lib.POSITIVE_INT
+    assert config_lib.value_rule("families.lstm.sweep.num_layers") is config_lib.COUNT
+    assert config_lib.value_rule("eval.batch_size") is config_lib.POSITIVE_INT  # the '*.batch_size' pattern
+    assert config_lib.value_rule("data.validation_fraction") is config_lib.SHARE  # before 'data.*_fraction'
+    assert config_lib.value_rule("data.random_token_fraction") is config_lib.UNIT
+    assert config_lib.value_rule("model.num_layers") is None and config_lib.value_rule("data.nonsense") is None
+    mesh = config_lib.value_rule("mesh.data")
+    assert mesh.allows(-1) and mesh.allows(4) and not mesh.allows(0) and not mesh.allows(-2)
+    b2 = config_lib.value_rule("optim.b2")
+    assert b2.allows(0.0) and b2.allows(0.999) and not b2.allows(1.0) and not b2.allows(float("nan"))
+    assert not config_lib.POSITIVE_INT.allows(2.5) and not config_lib.POSITIVE.allows(0.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=-5", r"config.train.steps=-5 is out of range: it must be a positive integer; set --config.train"),
+    ("optim.b2=1.0", r"config.optim.b2=1.0 is out of range: it must be a number in \[0, 1\)"),
+    ("optim.learning_rate=inf", r"config.optim.learning_rate=inf is out of range: it must be a number > 0"),
+    ("log.every=0", r"config.log.every=0 is out of range"),  # checked before eval.every % log.every divides by it
+])
+def test_values_out_of_range_are_refused_before_the_combinations(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(load(override), 8)

@@ -20,6 +20,8 @@ from bigmodel import metrics
 
 from conftest import GPT_TINY
 
+pytestmark = pytest.mark.slow  # every test here trains, kills and resumes runs
+
 STEPS = 60
 TIMED = {"tokens_per_s", "mfu"}  # wall-clock figures differ between runs
 

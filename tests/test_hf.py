@@ -250,6 +250,7 @@ def reference_greedy(model: torch.nn.Module, prompt: bytes, n: int) -> str:
     return (prompt + bytes(out)).decode("utf-8", errors="replace")
 
 
+@pytest.mark.slow
 def test_import_hf_then_generate_and_fine_tune(tmp_path, tiny_overrides, capsys):
     ref = hf_gpt(seed=3)
     ref.save_pretrained(tmp_path / "hf")

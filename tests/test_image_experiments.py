@@ -23,6 +23,7 @@ def fast_keys():
     jax.config.update("jax_default_prng_impl", previous)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_tiny_variant_trains_and_evaluates(tmp_path, name, fast_keys):
     args = ["train", "--config", EXPERIMENTS[name] + ":tiny", "--workdir", str(tmp_path),
@@ -72,18 +73,21 @@ def resnet_runs():
     return {mesh: run_steps("resnet", mesh) for mesh in [(8, 1, 1), (2, 2, 2)]}
 
 
+@pytest.mark.slow
 def test_resnet_losses_equal_across_meshes(resnet_runs):
     ref = resnet_runs[(8, 1, 1)]["losses"]
     assert all(np.isfinite(ref))
     np.testing.assert_allclose(resnet_runs[(2, 2, 2)]["losses"], ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vit_losses_equal_across_meshes():
     ref = run_steps("vit", (8, 1, 1))["losses"]
     assert all(np.isfinite(ref)) and ref[2] != ref[0]
     np.testing.assert_allclose(run_steps("vit", (2, 2, 2))["losses"], ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_global_and_used_in_eval(resnet_runs):
     run = resnet_runs[(8, 1, 1)]
     module, batch = run["module"], run["batches"][0]

@@ -22,6 +22,7 @@ def tiny_plans():
     return {m: tiny_plan(m) for m in ("8,1,1", "1,8,1")}
 
 
+@pytest.mark.slow
 def test_fsdp_shards_parameters_and_adam_8_ways(tiny_plans):
     data, fsdp = tiny_plans["8,1,1"], tiny_plans["1,8,1"]
     assert data.param_count == 132_864
@@ -122,6 +123,7 @@ def test_gpt_1_5b_does_not_fit_on_a100_40gb_without_sharding(capsys):
     assert plan.make_plan(config, sizes, "a100-40gb", compile=False).fits
 
 
+@pytest.mark.slow
 def test_mesh_needing_other_device_count_compiles_in_a_child(capfd):
     # 4 devices while this process has 8: the command re-runs itself with 4 fake CPU devices.
     assert cli.main(["plan", "--config", GPT_TINY + ":tiny", "--mesh", "1,2,2"]) == 0

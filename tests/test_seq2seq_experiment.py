@@ -24,6 +24,7 @@ def tiny_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_tiny_trains_and_reports_exact_match(tiny_run):
     rows = metrics.read_jsonl(tiny_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 6]
@@ -37,6 +38,7 @@ def test_tiny_trains_and_reports_exact_match(tiny_run):
     assert summary["dataset"] == "addition/max_digits=2" and summary["bleu_tokenize"] == "char"
 
 
+@pytest.mark.slow
 def test_evaluate_command_decodes_greedy_and_beam(tiny_run, capsys):
     assert cli.main(["evaluate-seq2seq", "--workdir", str(tiny_run), "--beam_size", "2"]) == 0
     out = capsys.readouterr().out
@@ -82,6 +84,7 @@ def run_steps(mesh_sizes, steps=3):
     return losses
 
 
+@pytest.mark.slow
 def test_losses_equal_across_meshes():
     ref = run_steps(sharding.axis_sizes(data=8))
     other = run_steps(sharding.axis_sizes(data=2, fsdp=2, tensor=2))

@@ -103,6 +103,7 @@ def gpt_runs():
     return {name: run_steps(sizes, zero1=zero1) for name, sizes, zero1 in [("single", axes(), False)] + MESHES["gpt"]}
 
 
+@pytest.mark.slow
 def test_gpt_losses_equal_across_meshes(gpt_runs):
     ref = gpt_runs["single"][0]
     assert ref[2] < ref[0]  # it trains
@@ -110,6 +111,7 @@ def test_gpt_losses_equal_across_meshes(gpt_runs):
         np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_bert_losses_equal_across_meshes():
     ref, _ = run_steps(axes(), model="bert")
     assert np.all(np.isfinite(ref)) and ref[2] != ref[0]  # it updates (3 warmup steps move the loss little)
@@ -117,6 +119,7 @@ def test_bert_losses_equal_across_meshes():
         np.testing.assert_allclose(run_steps(sizes, model="bert", zero1=zero1)[0], ref, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_moe_losses_equal_with_experts_over_1_2_and_4_devices():
     """Expert parallelism: the experts split over 'expert' (the compiler moves the tokens)."""
     ref, state = run_steps(axes(), model="moe")
@@ -129,6 +132,7 @@ def test_moe_losses_equal_with_experts_over_1_2_and_4_devices():
         assert {s.data.shape[0] for s in kernel.addressable_shards} == {experts_per_device}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(gpt_runs):
     accum, _ = run_steps(axes(data=2, fsdp=2, tensor=2), grad_accum=2)
     np.testing.assert_allclose(accum, gpt_runs["single"][0], rtol=1e-5)
@@ -147,6 +151,7 @@ def split_bytes(tree, ways):
     return split, replicated, names
 
 
+@pytest.mark.slow
 def test_fsdp_splits_parameters_8_ways(gpt_runs):
     params = gpt_runs["fsdp"][1].params
     total = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -157,6 +162,7 @@ def test_fsdp_splits_parameters_8_ways(gpt_runs):
     assert sharding.per_device_bytes(params) == split + replicated <= total / 8 + replicated
 
 
+@pytest.mark.slow
 def test_zero1_splits_adam_over_data_and_keeps_parameters_whole(gpt_runs):
     plain, zero1 = gpt_runs["data"][1], gpt_runs["zero1 data"][1]
     params = sum(x.nbytes for x in jax.tree.leaves(zero1.params))
@@ -219,6 +225,7 @@ def test_sequence_parallel_forward_matches_one_device_and_stays_causal():
     assert not np.allclose(np.asarray(other)[:, 40:], np.asarray(logits)[:, 40:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh, shard_shape", [
     ((8, 1, 1), (64, 256)),  # pure data parallel: replicated
     ((1, 8, 1), (8, 256)),  # fsdp splits the embed (input) dimension

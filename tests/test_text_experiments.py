@@ -12,6 +12,8 @@ from bigmodel import checkpoint, cli, config as config_lib, metrics, sharding, t
 
 from conftest import REPO, SMALL_CORPUS
 
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 BERT_STDLIB = str(REPO / "experiments" / "bert_stdlib.py")
 BERT_CLASSIFY = str(REPO / "experiments" / "bert_classify.py")
 LSTM_STDLIB = str(REPO / "experiments" / "lstm_stdlib.py")

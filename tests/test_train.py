@@ -29,6 +29,7 @@ def tiny_run(tmp_path_factory, data_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_tiny_trains_and_loss_falls(tiny_run):
     rows = metrics.read_jsonl(tiny_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
@@ -45,6 +46,7 @@ def test_tiny_trains_and_loss_falls(tiny_run):
     assert 0 < rows[-1]["mfu"] < 1
 
 
+@pytest.mark.slow
 def test_workdir_contents(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["train"]["steps"] == 40 and config["model"]["size"] == "nano"
@@ -55,6 +57,7 @@ def test_workdir_contents(tiny_run):
     assert saved == {"kind": "byte", "vocab_size": 257, "eod_id": 256}
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_curves(tiny_run):
     acc = event_accumulator.EventAccumulator(str(tiny_run))
     acc.Reload()
@@ -66,6 +69,7 @@ def test_tensorboard_has_the_curves(tiny_run):
     assert losses == pytest.approx([r["loss"] for r in rows])
 
 
+@pytest.mark.slow
 def test_stop_and_resume_matches_uninterrupted(tmp_path, tiny_overrides):
     common = tiny_overrides + ["optim.decay_steps=12", "log.every=2", "eval.every=4", "checkpoint.every=4"]
     assert train_cli(tmp_path / "straight", common + ["train.steps=12"]) == 0
@@ -83,6 +87,7 @@ def test_stop_and_resume_matches_uninterrupted(tmp_path, tiny_overrides):
     assert [r["step"] for r in resumed if "eval_loss" in r] == [4, 6, 8, 12]
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_overrides):
     overrides = tiny_overrides + ["train.steps=5", "eval.every=5"]
     assert train_cli(tmp_path, overrides) == 0
@@ -91,6 +96,7 @@ def test_rerun_of_a_finished_run_changes_nothing(tmp_path, tiny_overrides):
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_closes_what_it_opened_and_resumes(tmp_path, tiny_overrides, monkeypatch):
     closed = []
 
@@ -115,6 +121,7 @@ def test_an_interrupted_run_closes_what_it_opened_and_resumes(tmp_path, tiny_ove
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_generate_samples_from_the_checkpoint(tiny_run, capsys, monkeypatch):
     # The run's saved tokenizer is used: the dataset is not rebuilt.
     monkeypatch.setattr(generate.pipeline, "text_source", lambda *a: pytest.fail("generate rebuilt the dataset"))

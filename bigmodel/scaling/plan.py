@@ -103,6 +103,7 @@ def load_sweep_config(spec: str, overrides: Sequence[str] = ()) -> ml_collection
             raise ConfigError(f"{spec} has no {group!r} group; a sweep config needs base, sweep and families")
     if config.sweep.mode not in ("grid", "isoflop"):
         raise ConfigError(f"config.sweep.mode={config.sweep.mode!r}; use 'grid' or 'isoflop'")
+    config_lib.check_values(config)
     return config
 
 

@@ -25,13 +25,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bigmodel import exit_codes
 from bigmodel.scaling import report, results
 from bigmodel.scaling.plan import Run, Sweep, human
 
 POLL_S = 0.5  # how often the local runner looks at its child processes
 ERROR_LINES = 3  # stderr lines kept as a failed run's error
 STOP_TIMEOUT_S = 300  # how long a stopped run may take to write its checkpoint
-PREEMPTED_EXIT_CODE = 75  # `bigmodel train` after saving on SIGTERM; the sweep uses it alike
 
 
 # --------------------------------------------------------------------------- run files
@@ -239,7 +239,7 @@ def _settle(sweep: Sweep, active: _Active) -> float:
     summary = read_summary(run_dir)
     if rc == 0 and summary is not None and summary.get("step") == run.steps:
         write_status(run_dir, status="finished", error="", wall_s=wall)
-    elif rc == PREEMPTED_EXIT_CODE:  # the trainer saved a checkpoint on SIGTERM/SIGINT
+    elif rc == exit_codes.PREEMPTED:  # the trainer saved a checkpoint on SIGTERM/SIGINT
         write_status(run_dir, status="planned", error="preempted; a rerun resumes it", wall_s=wall)
     else:
         error = error_tail(run_dir / "stderr.log") or f"exit status {rc}"

@@ -21,9 +21,10 @@ import argparse
 import json
 from typing import Any
 
+from bigmodel import exit_codes
 from bigmodel.scaling import emit, plan, report, results
 from bigmodel.scaling.plan import Sweep
-from bigmodel.scaling.runner import (PREEMPTED_EXIT_CODE, Interrupted, is_finished, run_local, write_results,
+from bigmodel.scaling.runner import (Interrupted, is_finished, run_local, write_results,
                                      write_run_files)
 
 
@@ -97,7 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"[sweep] stopped by {e}; the runs in flight saved checkpoints: rerun the same command to go on",
               flush=True)
-        return PREEMPTED_EXIT_CODE
+        return exit_codes.PREEMPTED
 
 
 def _positive_int(text: str) -> int:

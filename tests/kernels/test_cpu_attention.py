@@ -82,6 +82,7 @@ def test_attention_module_kernel_matches_einsum(kv_heads, rope):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_default_on_one_cpu_device_is_the_kernel_with_a_fallback_for_masks(monkeypatch):
     assert layers.default_attention_impl(jnp.float32) == "einsum"  # 8 devices in the tests
     monkeypatch.setattr(jax, "device_count", lambda: 1)

@@ -138,6 +138,7 @@ def test_defaults_and_refusals(monkeypatch):
     assert "CPU only" in library.unsupported(jnp.float32)
 
 
+@pytest.mark.slow
 def test_gpt_with_the_kernels_matches_the_plain_jax_gpt():
     cfg = gpt.GPTConfig(vocab_size=50, max_len=24, num_layers=2, d_model=32, num_heads=4)
     tokens = jax.random.randint(jax.random.key(9), (2, 24), 0, 50)
@@ -165,6 +166,7 @@ def test_gpt_with_the_kernels_matches_the_plain_jax_gpt():
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("BIGMODEL_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-cxx'"):

@@ -14,6 +14,8 @@ from bigmodel.launch import local
 
 from conftest import GPT_TINY, SMALL_CORPUS
 
+pytestmark = pytest.mark.slow  # every test here trains in several processes
+
 STEPS = 6
 
 

@@ -121,6 +121,7 @@ def test_hf_export_refuses_llama_layout():
         hf.hf_config(moe)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["llama", "moe"])
 def test_gpt_tiny_variants_train(variant, tmp_path, tiny_overrides, monkeypatch):
     """One short run of experiments/gpt_tiny.py:llama / :moe through the trainer."""

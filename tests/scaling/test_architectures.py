@@ -58,6 +58,7 @@ def test_family_comparison_recovers_exponents_and_compares_at_common_compute():
     assert "0.1000" in text and "0.0500" in text
 
 
+@pytest.mark.slow
 def test_tiny_architectures_sweep_end_to_end(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")  # runs see one CPU device
     args = ["sweep", "--config", ARCHITECTURES + ":tiny", "--workdir", str(tmp_path), "--parallel", "2",

@@ -17,6 +17,7 @@ def base(tiny_overrides):
         "optim.learning_rate=3e-2", "optim.warmup_steps=0", "model.mup_base_width=32", "data.seq_len=32"])
 
 
+@pytest.mark.slow  # trains every width twice
 def test_mup_is_flat_and_standard_grows(base):
     widths = [32, 128]
     sp = coordcheck.run(base, widths, steps=3, head_dim=8, mup=False)

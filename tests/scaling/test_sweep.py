@@ -167,6 +167,7 @@ def tiny_sweep(tmp_path_factory, data_dir):
     return {"workdir": workdir, "first": first, "second": second, **after_first, "base": base}
 
 
+@pytest.mark.slow
 def test_failed_run_is_recorded_and_others_finish(tiny_sweep):
     assert tiny_sweep["first"] == 1
     rows = {r["run"]: r for r in tiny_sweep["rows"]}
@@ -179,6 +180,7 @@ def test_failed_run_is_recorded_and_others_finish(tiny_sweep):
     assert f"{FAIL_RUN}" in tiny_sweep["report"] and "failed: " in tiny_sweep["report"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_retries_the_failed_one(tiny_sweep):
     assert tiny_sweep["second"] == 0
     workdir = tiny_sweep["workdir"]
@@ -191,6 +193,7 @@ def test_rerun_skips_finished_runs_and_retries_the_failed_one(tiny_sweep):
     assert (workdir / "runs" / FAIL_RUN / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_results_csv_matches_the_runs(tiny_sweep):
     workdir = tiny_sweep["workdir"]
     with open(workdir / "results.csv", newline="") as f:
@@ -210,6 +213,7 @@ def test_results_csv_matches_the_runs(tiny_sweep):
     assert [int(r["steps"]) for r in rows] == [16, 16, 16, 48, 48, 48]
 
 
+@pytest.mark.slow
 def test_fit_and_plots_written(tiny_sweep):
     fit_dir = tiny_sweep["workdir"] / "fit"
     fit = json.loads((fit_dir / "fit.json").read_text())
@@ -218,6 +222,7 @@ def test_fit_and_plots_written(tiny_sweep):
         assert (fit_dir / name).stat().st_size > 1000, name
 
 
+@pytest.mark.slow
 def test_only_a_finished_run_does_nothing(tiny_sweep, capsys):
     workdir = tiny_sweep["workdir"]
     before = (workdir / "runs" / "gpt_w16_l1_t8.2k" / "metrics.jsonl").stat().st_mtime_ns
@@ -226,6 +231,7 @@ def test_only_a_finished_run_does_nothing(tiny_sweep, capsys):
     assert (workdir / "runs" / "gpt_w16_l1_t8.2k" / "metrics.jsonl").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_report_lists_every_run_and_the_fit(tiny_sweep, capsys):
     assert cli.main(["scaling", "report", str(tiny_sweep["workdir"])]) == 0
     out = capsys.readouterr().out
