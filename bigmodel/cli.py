@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        from bigmodel.scaling.fit import ScalingDataError
+        from bigmodel.scaling.results import ScalingDataError
 
         if isinstance(e, UsageError):
             message, code = str(e), exit_codes.USAGE

@@ -11,7 +11,7 @@ import pytest
 
 from bigmodel import config as config_lib
 from bigmodel.config import ConfigError
-from bigmodel.scaling import sweep
+from bigmodel.scaling import plan as scaling_plan
 
 from conftest import REPO
 
@@ -91,7 +91,7 @@ def test_undeclared_variants_are_refused_with_the_list(path, arg):
 def test_every_variant_loads_validates_on_8_devices_and_keeps_the_shared_groups(path, arg):
     config = config_lib.load(spec(path, arg))
     if is_sweep(config):  # every planned run of every family, as the sweep will train it
-        runs = sweep.load(spec(path, arg), [], "unused", num_devices=8).runs
+        runs = scaling_plan.load(spec(path, arg), [], "unused", num_devices=8).runs
         assert runs and [r.error for r in runs if r.error] == []
         trained = [r.config for r in runs]
     else:

@@ -24,33 +24,9 @@ from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 import ml_collections
 
-from bigmodel.config import ConfigError
+from bigmodel.config import ConfigError, Range
 
 KEPT = ("name", "size")  # keys of config.model that name the model rather than configure it
-
-
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """Where a number may lie: low <= value (low < value if low_open), likewise for high."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def __str__(self) -> str:
-        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
-        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
-        if low and high:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        return low or high or "finite"
 
 
 def field(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -58,8 +34,9 @@ def field(default: Any, *, ge: float | None = None, gt: float | None = None, le:
     """A dataclass field with its default and its declared range (numbers) or choices (names)."""
     metadata: dict[str, Any] = {}
     if ge is not None or gt is not None or le is not None or lt is not None:
-        metadata["range"] = Range(gt if gt is not None else ge, lt if lt is not None else le, gt is not None,
-                                  lt is not None)
+        low, high = gt if gt is not None else ge, lt if lt is not None else le
+        metadata["range"] = Range(low=-math.inf if low is None else low, high=math.inf if high is None else high,
+                                  low_open=gt is not None, high_open=lt is not None)
     if choices is not None:
         metadata["choices"] = tuple(choices)
     return dataclasses.field(default=default, metadata=metadata)

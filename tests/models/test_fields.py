@@ -34,7 +34,7 @@ CHOICES = [pytest.param(fam, f, id=f"{fam}.{f.name}") for fam, f, hint in FIELDS
 EVERY = [pytest.param(fam, f, hint, id=f"{fam}.{f.name}") for fam, f, hint in FIELDS]
 # Scalar fields whose lower bound is a valid value on its own (d_model and image_size are tied to heads and patches).
 INCLUSIVE = [pytest.param(fam, f, hint, id=f"{fam}.{f.name}") for fam, f, hint in FIELDS
-             if hint in (int, float) and "range" in f.metadata and f.metadata["range"].low is not None
+             if hint in (int, float) and "range" in f.metadata and math.isfinite(f.metadata["range"].low)
              and not f.metadata["range"].low_open and f.name not in ("d_model", "image_size")]
 
 
@@ -53,9 +53,9 @@ def refused(family: str, key: str, value) -> str:
 def outside(allowed, step: float) -> list[float]:
     """Values just outside a declared range."""
     values = []
-    if allowed.low is not None:
+    if math.isfinite(allowed.low):
         values.append(allowed.low if allowed.low_open else allowed.low - step)
-    if allowed.high is not None:
+    if math.isfinite(allowed.high):
         values.append(allowed.high if allowed.high_open else allowed.high + step)
     return values
 
