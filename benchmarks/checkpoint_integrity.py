@@ -35,7 +35,7 @@ def state_124m() -> dict:
     module = models.build(cfg)
     shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros((1, 8), np.int32)))["params"])
     rng = np.random.default_rng(0)
-    leaf = lambda s: jax.device_put(rng.standard_normal(s.shape, np.float32))  # noqa: E731
+    leaf = lambda s: jax.device_put(rng.standard_normal(s.shape, np.float32))
     return {"params": jax.tree.map(leaf, shapes), "mu": jax.tree.map(leaf, shapes), "nu": jax.tree.map(leaf, shapes)}
 
 

@@ -197,7 +197,7 @@ class Checkpointer:
             if data_iter is not None:
                 items["data"] = ocp.args.JsonSave(data_iter.get_state())
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        except Exception as e:  # noqa: BLE001 - any failure of the writer is reported the same way
+        except Exception as e:
             self._pending = None
             raise CheckpointError(self._failure(step, e)) from e
         self._finisher = threading.Thread(target=self._finish, args=(step,), name=f"checkpoint-{step}", daemon=True)
@@ -207,8 +207,10 @@ class Checkpointer:
 
     def _failure(self, step: int, error: Exception) -> str:
         good = [s for s in self.manager.all_steps() if s != step]
-        last = f"the previous checkpoint {self.step_dir(max(good))} is intact" if good else "no earlier checkpoint exists"
-        return f"saving the checkpoint of step {step} in {self.directory} failed: {type(error).__name__}: {error}; {last}"
+        last = (f"the previous checkpoint {self.step_dir(max(good))} is intact" if good
+                else "no earlier checkpoint exists")
+        return (f"saving the checkpoint of step {step} in {self.directory} failed: {type(error).__name__}: "
+                f"{error}; {last}")
 
     def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[int, Any] | None:
         """(step, state) from the newest checkpoint that verifies and loads; None if there is none.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -8,7 +8,8 @@ import os
 import pathlib
 import platform
 import subprocess
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -54,7 +55,7 @@ class MetricsWriter:
 
         # purge_step makes TensorBoard drop points after the resume step from older event files.
         self._tb = SummaryWriter(str(workdir), flush_secs=10, purge_step=resume_step + 1 if resume_step else None)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run; close() closes it
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Log one row: {'step': step, **scalars}."""

@@ -25,7 +25,8 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from bigmodel import config as config_lib
 from bigmodel.config import BATCH_AXES, MESH_AXES, ConfigError
@@ -192,9 +193,9 @@ def activation_bytes(config, sizes: Mapping[str, int]) -> int:
 
 def analytic(config, sizes: Mapping[str, int], target: str) -> Plan:
     """The per-device memory plan from shapes and sharding rules alone."""
-    from bigmodel import flops, sharding
-
     import flax.linen as nn
+
+    from bigmodel import flops, sharding
 
     abstract = abstract_state(config)
     rules = sharding.as_rules(config.sharding.rules)
@@ -261,7 +262,7 @@ def make_plan(config, sizes: Mapping[str, int], target: str, compile: bool = Tru
 # --------------------------------------------------------------------------- output
 
 
-def _bytes(n: int | float) -> str:
+def _bytes(n: float) -> str:
     for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:,.{2 if unit == 'GiB' else 1}f} {unit}"
@@ -282,8 +283,8 @@ def format_plan(plan: Plan, title: str) -> str:
         ("total / peak", plan.total, c.get("peak")),
     ]
     lines = [
-        f"plan: {title} on mesh {mesh} ({math.prod(plan.mesh.values())} devices), target {plan.target} "
-        f"({TARGETS[plan.target]:g} GiB per device)",
+        (f"plan: {title} on mesh {mesh} ({math.prod(plan.mesh.values())} devices), target {plan.target} "
+        f"({TARGETS[plan.target]:g} GiB per device)"),
         f"model: {plan.param_count:,} parameters",
         f"{'per device':<26}{'analytic':>14}{'compiled' if plan.compiled else '':>14}".rstrip(),
     ]

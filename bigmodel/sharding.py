@@ -17,10 +17,10 @@ DCN along config.mesh.dcn_axis (make_mesh).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
 import functools
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -245,7 +245,7 @@ def batch_groups(devices: np.ndarray, axis_names: Sequence[str]) -> list[tuple[i
     return sorted(tuple(sorted(ps)) for ps in groups.values())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def process_batch_shard(mesh: Mesh) -> tuple[int, int]:
     """(index, count) of this process's part of every global batch, for the data pipeline.
 

@@ -14,7 +14,8 @@ Batch formats (host-local numpy, first axis the batch):
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,23 +24,23 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Self
 
 import flax
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import tqdm
+from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from bigmodel import checkpoint, config as config_lib, data as data_lib, flops, metrics, models, sharding, tasks
 from bigmodel.data import tokenizers
 from bigmodel.models import moe
-
 
 # --------------------------------------------------------------------------- 1. state
 
@@ -84,8 +85,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
         end_value=cfg.learning_rate * cfg.end_lr_ratio,
     )
     # Decay matrices only: biases, norms and other vectors are left alone.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    adamw = lambda lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,  # noqa: E731
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = lambda lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                    mask=decay_mask)
     if width_mult == 1.0:
         update = adamw(schedule)
@@ -187,7 +188,7 @@ def make_train_step(module: nn.Module, task: Any, tx: optax.GradientTransformati
         finite = jnp.isfinite(mets["loss"][0]) & jnp.isfinite(grad_norm)
         skipped = state.skipped_steps
         if skip_nonfinite:
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
             model_state = keep(model_state, state.model_state)
             skipped = skipped + (~finite).astype(jnp.int32)
@@ -384,7 +385,7 @@ class PreemptionWatch:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "PreemptionWatch":
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -394,7 +395,7 @@ class PreemptionWatch:
         del frame
         self.signal = signum
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -579,7 +580,7 @@ class DevicePrefetch:
         self._queue: collections.deque = collections.deque()  # (device batch, iterator state after it)
         self._state = copy.deepcopy(it.get_state())
 
-    def __iter__(self) -> "DevicePrefetch":
+    def __iter__(self) -> DevicePrefetch:
         return self
 
     def __next__(self) -> Any:
@@ -701,7 +702,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
             preempt = watch.requested(step)
             if step % config.checkpoint.every == 0 or is_last or preempt:
                 check_finite(flags, ckpt, skip_nonfinite)
-                guarded(lambda: ckpt.save(step, state, batches, config.to_dict()), config.checkpoint.on_error)
+                save = functools.partial(ckpt.save, step, state, batches, config.to_dict())
+                guarded(save, config.checkpoint.on_error)
             if preempt:
                 raise Preempted(f"stopped by signal {watch.signal} after step {step}; checkpoint "
                                 f"{ckpt.step_dir(step)} saved. Run the same command again to resume")

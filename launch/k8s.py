@@ -22,13 +22,14 @@ import pathlib
 import re
 import subprocess
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml  # PyYAML: already a dependency of flax, orbax and ml_collections
-
-from bigmodel.config import ConfigError
 from bigmodel.launch import parse_env, train_command
 from bigmodel.launch.tpu_vm import check_topology, tpu_slice
+
+from bigmodel.config import ConfigError
 
 REPLICATED_JOB = "workers"
 # On TERM (node drain, preemption) `bigmodel train` checkpoints before it exits: give it time.

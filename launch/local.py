@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Mapping, Sequence, TextIO
+from collections.abc import Mapping, Sequence
+from typing import TextIO
 
 
 def free_port() -> int:

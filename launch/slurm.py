@@ -17,11 +17,12 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+
+from bigmodel.launch import parse_env, train_command
 
 from bigmodel.config import ConfigError
 from bigmodel.exit_codes import PREEMPTED  # `bigmodel train` stopped by TERM after checkpointing
-from bigmodel.launch import parse_env, train_command
 
 # Seconds of notice before the time limit: enough for a checkpoint to be written.
 NOTICE_S = 120

@@ -17,10 +17,11 @@ import pathlib
 import re
 import shlex
 import subprocess
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+
+from bigmodel.launch import parse_env, print_command, train_command
 
 from bigmodel.config import ConfigError
-from bigmodel.launch import parse_env, print_command, train_command
 
 # generation -> (what the number in the type counts, GKE accelerator label)
 GENERATIONS: dict[str, tuple[str, str]] = {

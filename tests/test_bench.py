@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import GPT_TINY
 
-from bigmodel import bench as bench_lib
-from bigmodel import cli
+from bigmodel import bench as bench_lib, cli
+
+from conftest import GPT_TINY
 
 
 def bench(capsys, kind, overrides, *extra):

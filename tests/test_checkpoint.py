@@ -139,7 +139,7 @@ def test_sealing_and_verifying_go_through_epath(tmp_path):
 
     passthrough = {name: (lambda fn, path, *a, **k: fn(local(path), *a, **k))
                    for name in ("exists", "isdir", "open", "stat", "listdir", "makedirs", "mkdir", "remove")}
-    moved = lambda fn, src, dst, *a, **k: fn(local(src), local(dst), *a, **k)  # noqa: E731
+    moved = lambda fn, src, dst, *a, **k: fn(local(src), local(dst), *a, **k)
     fake_two_process_checkpoint(tmp_path / "ckpt")
     with epath_testing.mock_epath(walk=walk, glob=glob, replace=moved, rename=moved, **passthrough):
         step_dir = epath.Path(f"{root}/ckpt")

@@ -19,8 +19,8 @@ import sys
 import pytest
 
 from bigmodel import cli, config as config_lib, exit_codes, models
-from bigmodel.models import fields
 from bigmodel.config import ConfigError
+from bigmodel.models import fields
 from bigmodel.scaling import plan as scaling_plan
 
 from conftest import GPT_TINY, REPO, SMALL_CORPUS

@@ -119,7 +119,7 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, overrides, reference, mome
         ckpts = workdir / "checkpoints"
         return ckpts.exists() and any("tmp" in p and p.startswith("30") for p in os.listdir(ckpts))
 
-    rc, stderr, _ = interrupt(tmp_path, overrides, when, signal.SIGKILL)
+    rc, _stderr, _ = interrupt(tmp_path, overrides, when, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     complete = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     if moment != "mid-step":
@@ -204,4 +204,4 @@ def test_incompatible_resume_is_refused_then_restart_moves_the_old_run(tmp_path,
     assert proc.returncode == 0, proc.stderr[-2000:]
     previous = list(tmp_path.glob("previous-*"))
     assert len(previous) == 1 and (previous[0] / "checkpoints" / "4").exists()
-    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")][0] == 2
+    assert next(r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")) == 2

@@ -6,8 +6,7 @@ import pathlib
 
 import pytest
 
-from bigmodel import cli, metrics, plan
-from bigmodel import config as config_lib
+from bigmodel import cli, config as config_lib, metrics, plan
 
 GPT_GPU = str(pathlib.Path(__file__).parents[1] / "experiments" / "gpt_gpu.py")
 

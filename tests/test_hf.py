@@ -18,11 +18,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bigmodel import cli, config as config_lib, generate, hf, metrics  # noqa: E402
-from bigmodel.config import ConfigError  # noqa: E402
-from bigmodel.data import pipeline, tokenizers  # noqa: E402
+from bigmodel import cli, config as config_lib, generate, hf, metrics
+from bigmodel.config import ConfigError
+from bigmodel.data import pipeline, tokenizers
 
-from conftest import GPT_TINY  # noqa: E402
+from conftest import GPT_TINY
 
 transformers.logging.set_verbosity_error()
 VOCAB = 300  # above the byte tokenizer's 257 ids, so imported GPTs train on bytes

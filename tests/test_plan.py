@@ -47,12 +47,14 @@ def test_cli_prints_the_table_and_a_verdict(capsys):
     out = capsys.readouterr().out
     assert "on mesh data=2 fsdp=2 expert=1 sequence=1 tensor=2 (8 devices), target a100-40gb (40 GiB per device)" in out
     for row in ("parameters", "optimizer state", "gradients", r"activations \(estimate\)", "total / peak"):
-        assert re.search(rf"^  {row} +[\d.]+ [KMG]iB$", out, re.M), row
-    assert re.search(r"^verdict: fits on a100-40gb: .* of 36\.00 GiB usable \(90% of 40 GiB\), margin \+", out, re.M)
+        assert re.search(rf"^  {row} +[\d.]+ [KMG]iB$", out, re.MULTILINE), row
+    assert re.search(r"^verdict: fits on a100-40gb: .* of 36\.00 GiB usable \(90% of 40 GiB\), margin \+", out,
+                     re.MULTILINE)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mesh", "2,2,2", "--devices", "16"], "data*fsdp*expert*sequence*tensor = 2*2*1*1*2 = 8 but there are 16 devices"),
+    (["--mesh", "2,2,2", "--devices", "16"],
+     "data*fsdp*expert*sequence*tensor = 2*2*1*1*2 = 8 but there are 16 devices"),
     (["--mesh", "1,1,8"], "num_heads=4 is not divisible by the tensor axis config.mesh.tensor=8"),
     (["--mesh", "16,1,1"], "batch_size=8 (microbatch 8 with grad_accum=1) is not divisible by the data-parallel size"),
     (["--mesh", "2,2"], "give axis=size pairs (e.g. --mesh fsdp=4,sequence=2; unnamed axes are 1), all five sizes"),
@@ -93,7 +95,7 @@ def test_sequence_expert_and_zero1_plans(capsys):
                      "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "on mesh data=8 fsdp=1 expert=1 sequence=1 tensor=1 (8 devices)" in out
-    assert re.search(r"^  optimizer state \(ZeRO-1\) +[\d.]+ KiB$", out, re.M), out
+    assert re.search(r"^  optimizer state \(ZeRO-1\) +[\d.]+ KiB$", out, re.MULTILINE), out
 
 
 def test_gpt_124m_on_h100(capsys):
@@ -102,7 +104,8 @@ def test_gpt_124m_on_h100(capsys):
     out = capsys.readouterr().out
     assert "model: 124,439,808 parameters" in out
     verdict = re.search(
-        r"^verdict: fits on h100-80gb: ([\d.]+) GiB per device of 72\.00 GiB usable .* margin \+([\d.]+) GiB", out, re.M)
+        r"^verdict: fits on h100-80gb: ([\d.]+) GiB per device of 72\.00 GiB usable .* margin \+([\d.]+) GiB", out,
+        re.MULTILINE)
     assert verdict, out
     config, sizes = plan.configure(GPT_TINY, SEQ_1024_BATCH_64, plan.parse_mesh("8,1,1"), None, model="gpt:124m")
     p = plan.make_plan(config, sizes, "h100-80gb", compile=False)
@@ -116,7 +119,7 @@ def test_gpt_124m_on_h100(capsys):
 def test_gpt_1_5b_does_not_fit_on_a100_40gb_without_sharding(capsys):
     assert cli.main(["plan", "--config", GPT_TINY, "--model", "gpt:1.5b", *(f"--config.{o}" for o in SEQ_1024_BATCH_64),
                      "--mesh", "8,1,1", "--target", "a100-40gb", "--no-compile"]) == 0
-    assert re.search(r"^verdict: does not fit on a100-40gb: .* margin -", capsys.readouterr().out, re.M)
+    assert re.search(r"^verdict: does not fit on a100-40gb: .* margin -", capsys.readouterr().out, re.MULTILINE)
     # Sharding the state 8 ways and recomputing activations brings it inside 40 GiB.
     config, sizes = plan.configure(GPT_TINY, SEQ_1024_BATCH_64 + ["model.remat=full"], plan.parse_mesh("1,8,1"), None,
                                    model="gpt:1.5b")
@@ -131,10 +134,10 @@ def test_mesh_needing_other_device_count_compiles_in_a_child(capfd):
     assert "on mesh data=1 fsdp=2 expert=1 sequence=1 tensor=2 (4 devices)" in out
     config, sizes = plan.configure(GPT_TINY + ":tiny", [], plan.parse_mesh("1,2,2"), None)
     expected = plan.make_plan(config, sizes, "h100-80gb", compile=False)
-    params = re.search(r"^  parameters +([\d.]+) KiB +([\d.]+) KiB$", out, re.M)
+    params = re.search(r"^  parameters +([\d.]+) KiB +([\d.]+) KiB$", out, re.MULTILINE)
     assert params, out  # analytic and compiled columns both filled, and equal
     assert float(params.group(1)) == float(params.group(2)) == round(expected.params / 1024, 1)
-    assert re.search(r"^  temporaries \(XLA\) +[\d.]+ [KM]iB$", out, re.M)
+    assert re.search(r"^  temporaries \(XLA\) +[\d.]+ [KM]iB$", out, re.MULTILINE)
 
 
 def test_prepare_compiles_for_a_mesh_of_other_devices_without_data(monkeypatch):

@@ -50,7 +50,7 @@ def start(model):
     config = config_lib.load(spec + ":tiny", ["train.batch_size=16", *overrides])
     rng = np.random.default_rng(0)
     batches = [make_batch(rng) for _ in range(3)]
-    _, rules, module, task, tx, _ = train.setup_model(config, axes())
+    _, _rules, module, task, tx, _ = train.setup_model(config, axes())
     init = train.init_fn(module, task, tx, batches[0])
     host = jax.device_get(jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0)))
     return config, jax.eval_shape(init, jax.random.key(0)), host, batches
@@ -122,7 +122,7 @@ def test_bert_losses_equal_across_meshes():
 @pytest.mark.slow
 def test_moe_losses_equal_with_experts_over_1_2_and_4_devices():
     """Expert parallelism: the experts split over 'expert' (the compiler moves the tokens)."""
-    ref, state = run_steps(axes(), model="moe")
+    ref, _state = run_steps(axes(), model="moe")
     assert np.all(np.isfinite(ref)) and ref[2] < ref[0]
     for sizes in (axes(expert=2), axes(expert=4), axes(data=2, expert=4), axes(data=2, expert=2, tensor=2)):
         losses, sharded = run_steps(sizes, model="moe")
@@ -236,7 +236,8 @@ def test_sharded_init_splits_the_mlp_kernel(mesh, shard_shape):
     sizes = axes(**dict(zip(("data", "fsdp", "tensor"), mesh)))
     config = config_lib.load(GPT_TINY + ":tiny")
     m, rules, module, task, tx, _ = train.setup_model(config, sizes)
-    state, _, _ = train.sharded_init(train.init_fn(module, task, tx, task.dummy_batch(8, 64)), jax.random.key(0), m, rules)
+    init = train.init_fn(module, task, tx, task.dummy_batch(8, 64))
+    state, _, _ = train.sharded_init(init, jax.random.key(0), m, rules)
     kernel = state.params["block_0"]["mlp"]["fc_in"]["kernel"]
     assert kernel.shape == (64, 256)
     assert {s.data.shape for s in kernel.addressable_shards} == {shard_shape}
@@ -273,7 +274,7 @@ def test_activation_name_without_rule_fails():
 
 def test_every_model_name_has_a_default_rule():
     config = config_lib.load(GPT_TINY + ":tiny")
-    mesh, rules, module, task, tx, _ = train.setup_model(config, axes(data=8))
+    _mesh, rules, module, task, tx, _ = train.setup_model(config, axes(data=8))
     abstract = jax.eval_shape(train.init_fn(module, task, tx, task.dummy_batch(8, 64)), jax.random.key(0))
     assert sharding.logical_names(abstract) <= {name for name, _ in rules}
     # Tracing the forward pass under the rules checks every activation name too.

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grain
 import ml_collections
@@ -27,7 +28,6 @@ from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDat
 
 from bigmodel.config import ConfigError
 from bigmodel.data import text_files, tokenizers
-
 
 # grain's default (16 threads, 500 elements ahead) starves the train step of CPU on small
 # machines; one reader thread a little ahead keeps up with packing on any machine we use.

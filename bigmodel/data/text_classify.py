@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import ml_collections

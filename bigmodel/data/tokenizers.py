@@ -15,7 +15,8 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import numpy as np
 

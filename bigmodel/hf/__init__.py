@@ -20,8 +20,17 @@ with `bigmodel train --config W/config.json --workdir W`.
 # JAX, Flax and the models are imported inside the functions that need them: the `bigmodel`
 # command registers import-hf for every subcommand and should not pay for them each time.
 from bigmodel.hf.command import import_hf, register
-from bigmodel.hf.conversion import (FAMILIES, convert, family_for_hf, family_for_model, from_pretrained, hf_config,
-                                    model_config, module_config, save_pretrained)
+from bigmodel.hf.conversion import (
+                                    FAMILIES,
+                                    convert,
+                                    family_for_hf,
+                                    family_for_model,
+                                    from_pretrained,
+                                    hf_config,
+                                    model_config,
+                                    module_config,
+                                    save_pretrained,
+)
 from bigmodel.hf.io import read_config, read_state_dict
 
 __all__ = ["FAMILIES", "convert", "family_for_hf", "family_for_model", "from_pretrained", "hf_config", "import_hf",

@@ -24,8 +24,17 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bigmodel.hf.mapping import (HF_ACTIVATIONS, Family, Params, StateDict, Tensors, hf_layer_norm, layer_norm,
-                                 require, tree_map)
+from bigmodel.hf.mapping import (
+    HF_ACTIVATIONS,
+    Family,
+    Params,
+    StateDict,
+    Tensors,
+    hf_layer_norm,
+    layer_norm,
+    require,
+    tree_map,
+)
 
 
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:

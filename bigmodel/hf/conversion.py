@@ -64,8 +64,7 @@ def hf_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def module_config(module: nn.Module) -> dict[str, Any]:
     """The `config.model` fields of a GPT or BertMLM module (from its static config)."""
-    from bigmodel.models import bert as bert_model
-    from bigmodel.models import gpt
+    from bigmodel.models import bert as bert_model, gpt
 
     if isinstance(module, gpt.GPT):
         if getattr(module.cfg, "mup", False):

@@ -21,8 +21,18 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bigmodel.hf.mapping import (HF_ACTIVATIONS, Family, Params, StateDict, Tensors, hf_layer_norm, require,
-                                 stack_layers, tree_map, unstack_layers)
+from bigmodel.hf.mapping import (
+    HF_ACTIVATIONS,
+    Family,
+    Params,
+    StateDict,
+    Tensors,
+    hf_layer_norm,
+    require,
+    stack_layers,
+    tree_map,
+    unstack_layers,
+)
 
 
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:

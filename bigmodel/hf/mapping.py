@@ -7,7 +7,8 @@ families and back, and describes itself with a `Family`; conversion.py lists the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np

@@ -20,7 +20,8 @@ import difflib
 import functools
 import math
 import typing
-from typing import Any, ClassVar, Mapping, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import ml_collections
 
@@ -75,10 +76,9 @@ def check_field(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"{where} is not {_kind(hint)}; set it to {_kind(hint)} such as {f.default!r}")
     allowed = f.metadata.get("range")
-    if allowed is not None:
-        if any(v not in allowed for v in (value if isinstance(value, tuple) else (value,))):
-            what = "entries" if isinstance(value, tuple) else "a value"
-            raise ConfigError(f"{where} is out of range; use {what} {allowed} (default {f.default!r})")
+    if allowed is not None and any(v not in allowed for v in (value if isinstance(value, tuple) else (value,))):
+        what = "entries" if isinstance(value, tuple) else "a value"
+        raise ConfigError(f"{where} is out of range; use {what} {allowed} (default {f.default!r})")
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         close = _closest(value, choices) if isinstance(value, str) else None
@@ -112,7 +112,7 @@ class ModelConfig:
         """Refuse impossible combinations of fields (each family adds its own)."""
 
     @classmethod
-    def from_config(cls: type[T], cfg: Mapping[str, Any]) -> T:
+    def from_config(cls, cfg: Mapping[str, Any]) -> typing.Self:
         """The frozen config for `config.model`; an unknown key is refused with the closest field."""
         names = [f.name for f in dataclasses.fields(cls)]
         for key in cfg:

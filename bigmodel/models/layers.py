@@ -15,15 +15,14 @@ rule, so a model cannot silently replicate a tensor by a typo.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigmodel.kernels.cpu import attention as cpu_attention
-from bigmodel.kernels.cpu import gelu as cpu_gelu
-from bigmodel.kernels.cpu import norm as cpu_norm
+from bigmodel.kernels.cpu import attention as cpu_attention, gelu as cpu_gelu, norm as cpu_norm
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -543,7 +542,7 @@ class Attention(nn.Module):
         if impl == "fused_cpu":
             return cpu_attention.attention(q, k, v, self.causal, scale)
         if impl == "einsum":
-            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, S, N, H] <-> [B, N, S, H]
+            heads_major = lambda a: a.transpose(0, 2, 1, 3)
             return heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
                                                 scale))
         attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=self.causal,

@@ -151,7 +151,7 @@ def aux_loss_and_metrics(aux: Any) -> tuple[jax.Array, dict[str, tuple[jax.Array
     if not found:
         return jnp.zeros(()), {}
     one = jnp.ones(())
-    mean = lambda name: jnp.mean(jnp.stack(found[name]), axis=0)  # noqa: E731
+    mean = lambda name: jnp.mean(jnp.stack(found[name]), axis=0)
     mets = {f"moe_{name}": (mean(name), one) for name in ("balance", "router_z", "dropped")}
     load = mean("load")  # [E]
     mets["moe_load_max"] = (jnp.max(load) * load.shape[0], one)  # 1 = perfectly balanced

@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bigmodel.scaling import fit as fitlib
-from bigmodel.scaling import output, powerlaws, results
+from bigmodel.scaling import fit as fitlib, output, powerlaws, results
 
 
 def parse_budgets(text: str) -> list[float]:

@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -64,7 +65,7 @@ def run(base: ml_collections.ConfigDict, widths: Sequence[int], steps: int, head
         config = width_config(base, width, head_dim, mup)
         mesh, rules, module, task, tx, schedule = train.setup_model(config, sharding.axis_sizes())
         dummy = {k: np.zeros_like(v) for k, v in probe.items()}
-        state, shardings, _ = train.sharded_init(train.init_fn(module, task, tx, dummy), jax.random.key(config.seed),
+        state, _shardings, _ = train.sharded_init(train.init_fn(module, task, tx, dummy), jax.random.key(config.seed),
                                                  mesh, rules)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             step = jax.jit(train.make_train_step(module, task, tx, schedule, 1), donate_argnums=0)

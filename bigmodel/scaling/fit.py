@@ -39,10 +39,24 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel.scaling.laws import (Approach3Fit, Bootstrap, ComputeOptimal, bootstrap_approach3, fit_approach3,
-                                   hoffmann_grid, small_grid)
-from bigmodel.scaling.powerlaws import (DEFAULT_FLOPS_RTOL, Approach1Fit, Approach2Fit, KaplanFit, fit_approach1,
-                                        fit_approach2, fit_kaplan)
+from bigmodel.scaling.laws import (
+    Approach3Fit,
+    Bootstrap,
+    ComputeOptimal,
+    bootstrap_approach3,
+    fit_approach3,
+    hoffmann_grid,
+    small_grid,
+)
+from bigmodel.scaling.powerlaws import (
+    DEFAULT_FLOPS_RTOL,
+    Approach1Fit,
+    Approach2Fit,
+    KaplanFit,
+    fit_approach1,
+    fit_approach2,
+    fit_kaplan,
+)
 from bigmodel.scaling.results import NotSupported, ScalingData
 
 # Approach-3 starting grids by name: Hoffmann et al.'s 4,500 points, or 32 corners of it for a quick look.

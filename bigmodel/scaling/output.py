@@ -157,13 +157,13 @@ def write_fit(report: FitReport, outdir: str | Path, plots: bool = True,
 def format_report(report: FitReport) -> str:
     """Readable text summary of a FitReport."""
     d, f3, boot = report.data, report.approach3, report.bootstrap
-    lines = [f"{d.source}: {len(d)} runs, N {d.params.min():.3g}..{d.params.max():.3g}, "
+    lines = [(f"{d.source}: {len(d)} runs, N {d.params.min():.3g}..{d.params.max():.3g}, "
              f"D {d.tokens.min():.3g}..{d.tokens.max():.3g}, C {d.flops.min():.3g}.."
-             f"{d.flops.max():.3g} FLOPs ({'flops column' if d.flops_source == 'column' else 'C = 6ND'})",
+             f"{d.flops.max():.3g} FLOPs ({'flops column' if d.flops_source == 'column' else 'C = 6ND'})"),
              "",
              "Approach 3: L(N, D) = E + A/N^alpha + B/D^beta",
-             f"  Huber (delta={f3.delta:g}) in log space, L-BFGS-B from {f3.n_starts} starts; "
-             f"objective {f3.objective:.6g}"]
+             (f"  Huber (delta={f3.delta:g}) in log space, L-BFGS-B from {f3.n_starts} starts; "
+             f"objective {f3.objective:.6g}")]
     se = boot.se() if boot is not None else {}
     ci = boot.ci95() if boot is not None else {}
     header = f"  {'':<6}{'value':>12}"
@@ -206,10 +206,10 @@ def format_report(report: FitReport) -> str:
                          f"({len(k.envelope)} envelope points)")
     preds = report.predictions()
     if preds:
-        lines += ["", "Compute-optimal predictions (C = 6ND FLOPs; loss from the approach-3 "
-                      "law at each allocation):",
-                  f"  {'budget C':>9}  {'approach':<10}{'N_opt':>22}{'D_opt':>22}{'D/N':>9}"
-                  f"{'loss':>17}"]
+        lines += ["", ("Compute-optimal predictions (C = 6ND FLOPs; loss from the approach-3 "
+                      "law at each allocation):"),
+                  (f"  {'budget C':>9}  {'approach':<10}{'N_opt':>22}{'D_opt':>22}{'D/N':>9}"
+                  f"{'loss':>17}")]
         for p in preds:
             first = True
             for name in ("approach3", "approach2", "approach1"):

@@ -16,9 +16,9 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from typing import Any
 
 from bigmodel.scaling import results
 from bigmodel.scaling.results import RESULTS, read_rows
@@ -152,8 +152,7 @@ def _scaling_data(rows: Sequence[dict[str, Any]]):
 
 def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffmann", n_bootstrap: int = 100) -> str:
     """Fit finished rows and write outdir/fit.json with the fit plots; returns a one-line outcome."""
-    from bigmodel.scaling import fit as fitlib
-    from bigmodel.scaling import laws, output
+    from bigmodel.scaling import fit as fitlib, laws, output
 
     if starts not in fitlib.STARTS:
         raise ValueError(f"config.sweep.fit_starts={starts!r}; use one of {tuple(fitlib.STARTS)}")
@@ -189,8 +188,7 @@ def summarize_fit(fit: dict[str, Any]) -> list[str]:
 
 def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
     """Per family: the sweep's fit.json if it covers every finished run, else a quick fit now."""
-    from bigmodel.scaling import fit as fitlib
-    from bigmodel.scaling import laws, output
+    from bigmodel.scaling import fit as fitlib, laws, output
 
     families = list(dict.fromkeys(r["model"] for r in rows))
     lines = []
@@ -347,8 +345,8 @@ def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_families(table: Sequence[dict[str, Any]]) -> str:
     """The family comparison as a terminal table."""
-    lines = [f"{'model':<10} {'runs':>4} {'params':>9} {'active':>9} {'alpha_C':>14} "
-             f"{'loss @ ' + _count(table[0]['common_flops']) + ' FLOPs':>20}"]
+    lines = [(f"{'model':<10} {'runs':>4} {'params':>9} {'active':>9} {'alpha_C':>14} "
+             f"{'loss @ ' + _count(table[0]['common_flops']) + ' FLOPs':>20}")]
     for e in table:
         alpha = (f"{e['alpha_c']:.4f} ± {e['alpha_c_se']:.3f}" if not isinstance(e["alpha_c"], str) else "-")
         lines.append(f"{e['model']:<10} {e['runs']:>4} {_count(e['params']):>9} {_count(e['params_active']):>9} "

@@ -164,10 +164,10 @@ def _read_table(path: str | Path, wanted: Sequence[str], optional: Sequence[str]
                 continue  # blank line
             lines.append(reader.line_num)
             row_index = len(lines)
-            for c in values:
+            for c, column in values.items():
                 cell = row.get(c)
                 try:
-                    values[c].append(_as_float(cell or ""))
+                    column.append(_as_float(cell or ""))
                 except ValueError:
                     raise ScalingDataError(
                         f"{path}: row {row_index} (line {reader.line_num}), column '{c}': "

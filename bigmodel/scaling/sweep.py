@@ -24,8 +24,7 @@ from typing import Any
 from bigmodel import exit_codes
 from bigmodel.scaling import emit, plan, report, results
 from bigmodel.scaling.plan import Sweep
-from bigmodel.scaling.runner import (Interrupted, is_finished, run_local, write_results,
-                                     write_run_files)
+from bigmodel.scaling.runner import Interrupted, is_finished, run_local, write_results, write_run_files
 
 
 def finalize(sweep: Sweep, rows: list[dict[str, Any]]) -> None:

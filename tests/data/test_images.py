@@ -229,7 +229,8 @@ def test_variable_size_images_are_resized(tmp_path):
 
 
 def test_unknown_dataset_is_refused():
-    with pytest.raises(ConfigError, match=r"config.data.name='no_such_images' is not a known TFDS dataset .*use 'digits'"):
+    with pytest.raises(ConfigError,
+                       match=r"config.data.name='no_such_images' is not a known TFDS dataset .*use 'digits'"):
         images.build(config("data.name=no_such_images"), shard=(0, 1))
 
 

@@ -41,7 +41,7 @@ def test_sentencepiece_copies_the_model_and_refuses_a_changed_one(tmp_path):
 
 
 def test_hugging_face_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -10,9 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigmodel.kernels.cpu import gelu as cpu_gelu
-from bigmodel.kernels.cpu import library
-from bigmodel.kernels.cpu import norm as cpu_norm
+from bigmodel.kernels.cpu import gelu as cpu_gelu, library, norm as cpu_norm
 from bigmodel.models import gpt, layers
 
 

@@ -4,9 +4,9 @@ import pathlib
 import tomllib
 from fnmatch import fnmatch
 
-from conftest import REPO
-
 from bigmodel.kernels.cpu import library
+
+from conftest import REPO
 
 
 def setuptools_table() -> dict:

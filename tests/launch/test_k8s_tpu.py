@@ -5,10 +5,10 @@ import shlex
 import jax
 import pytest
 import yaml
+from bigmodel.launch import k8s, tpu_vm
 
 from bigmodel import cli, distributed
 from bigmodel.config import ConfigError
-from bigmodel.launch import k8s, tpu_vm
 
 from conftest import GPT_TINY
 
@@ -62,7 +62,7 @@ def test_tpu_jobset():
     manifest = k8s.jobset(name="tpu-run", image="img", config=GPT_TINY, workdir="/runs/t", overrides=[],
                           tpu_type="v5p-64", tpu_topology="2x4x4", max_restarts=5)
     manifest = yaml.safe_load(k8s.to_yaml(manifest))
-    job, job_spec, pod = pod_spec(manifest)
+    _job, job_spec, pod = pod_spec(manifest)
     # v5p-64 = 64 TensorCores = 32 chips = 8 hosts of 4 chips: 8 pods, one process each.
     assert (job_spec["parallelism"], job_spec["completions"]) == (8, 8)
     assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",

@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 import pytest
+from bigmodel.launch import local
 
 from bigmodel import cli, metrics
 from bigmodel.data import text_files
-from bigmodel.launch import local
 
 from conftest import GPT_TINY, SMALL_CORPUS
 

@@ -11,12 +11,12 @@ import math
 import typing
 
 import pytest
-from conftest import GPT_TINY, REPO
 
-from bigmodel import config as config_lib
-from bigmodel import models
+from bigmodel import config as config_lib, models
 from bigmodel.config import ConfigError
 from bigmodel.models import bert, fields, gpt, resnet, rnn, transformer, vit
+
+from conftest import GPT_TINY, REPO
 
 SIZES = {"gpt": gpt.SIZES, "bert": bert.SIZES, "transformer": transformer.SIZES, "vit": vit.SIZES,
          "resnet": resnet.SIZES, "cnn": resnet.CNN_SIZES, "rnn": rnn.SIZES}

@@ -20,14 +20,14 @@ def test_einsum_attention_equals_dot_product_attention(kv_heads, causal, padded,
     if padded:  # the last 3 keys of row 1 are padding
         mask = (jnp.arange(12)[None, :] < jnp.array([[12], [9]]))[:, None, None, :]
     got = layers.einsum_attention(q, k, v, mask, causal, scale=0.3, block=block)
-    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    t = lambda x: x.transpose(0, 2, 1, 3)
     want = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, is_causal=causal, scale=0.3,
                                         implementation="xla")
     np.testing.assert_allclose(got, t(want), rtol=1e-5, atol=1e-6)
     if block == 128:
         return
     # Gradients too: the blocks' key prefixes overlap, so dK and dV sum over blocks.
-    loss = lambda f: lambda q, k, v: (f(q, k, v) * jnp.cos(q)).sum()  # noqa: E731
+    loss = lambda f: lambda q, k, v: (f(q, k, v) * jnp.cos(q)).sum()
     ours = jax.jit(jax.grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask, causal, 0.3, block)),
                             (0, 1, 2)))
     ref = jax.jit(jax.grad(loss(lambda q, k, v: t(jax.nn.dot_product_attention(
@@ -48,7 +48,7 @@ def test_causal_attention_with_more_keys_than_queries():
     q = jax.random.normal(jax.random.key(3), (1, 2, 7, 4))
     k, v = jax.random.normal(jax.random.key(4), (2, 1, 2, 10, 4))
     got = layers.einsum_attention(q, k, v, None, True, None, block=3)
-    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    t = lambda x: x.transpose(0, 2, 1, 3)
     below = jnp.arange(10)[None, :] <= jnp.arange(7)[:, None] + 3
     want = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=below, implementation="xla")
     np.testing.assert_allclose(got, t(want), rtol=1e-5, atol=1e-6)
@@ -57,7 +57,7 @@ def test_causal_attention_with_more_keys_than_queries():
 @pytest.mark.parametrize("rope", [0.0, 100.0])
 def test_attention_module_gives_the_same_result_in_both_layouts(rope):
     x = jax.random.normal(jax.random.key(1), (2, 10, 32))
-    module = lambda impl: layers.Attention(4, 8, causal=True, num_kv_heads=2, rope_base=rope,  # noqa: E731
+    module = lambda impl: layers.Attention(4, 8, causal=True, num_kv_heads=2, rope_base=rope,
                                            implementation=impl)
     params = module("xla").init(jax.random.key(2), x)
     np.testing.assert_allclose(module("einsum").apply(params, x), module("xla").apply(params, x), rtol=1e-5,
@@ -79,7 +79,7 @@ def test_automatic_cudnn_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
     # On this host cuDNN cannot run, as on a GPU whose cuDNN refuses the shapes: the automatic
     # choice falls back to the XLA path; cuDNN asked for by name raises.
     x = jax.random.normal(jax.random.key(1), (2, 10, 32)).astype(jnp.bfloat16)
-    module = lambda impl: layers.Attention(4, 8, causal=True, implementation=impl,  # noqa: E731
+    module = lambda impl: layers.Attention(4, 8, causal=True, implementation=impl,
                                            dtype=jnp.bfloat16)
     params = module("xla").init(jax.random.key(2), x)
     want = module("xla").apply(params, x)
@@ -96,7 +96,7 @@ def test_dense_equals_flax_dense_in_values_and_gradients():
     params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
     assert jax.tree.structure(ours.init(jax.random.key(6), x)) == jax.tree.structure(params)
     np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-6)
-    loss = lambda m: lambda p, x: (jnp.sin(m.apply(p, x)) * x.sum(-1, keepdims=True)).sum()  # noqa: E731
+    loss = lambda m: lambda p, x: (jnp.sin(m.apply(p, x)) * x.sum(-1, keepdims=True)).sum()
     for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
                     jax.tree.leaves(jax.grad(loss(theirs), (0, 1))(params, x))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -123,7 +123,7 @@ def test_stacked_self_attention_projection_equals_separate_ones(use_bias):
 
 def test_add_leading_sums_the_gradient_over_the_leading_axes():
     x, b = jax.random.normal(jax.random.key(10), (3, 5, 4)), jax.random.normal(jax.random.key(11), (5, 4))
-    loss = lambda add: lambda x, b: (jnp.cos(add(x, b)) * jnp.arange(4.0)).sum()  # noqa: E731
+    loss = lambda add: lambda x, b: (jnp.cos(add(x, b)) * jnp.arange(4.0)).sum()
     ours = jax.grad(loss(layers.add_leading), (0, 1))(x, b)
     want = jax.grad(loss(lambda x, b: x + b[None]), (0, 1))(x, b)
     np.testing.assert_allclose(layers.add_leading(x, b), x + b[None])
@@ -176,12 +176,12 @@ def test_every_classifier_family_uses_the_shared_head():
                            jnp.float32 if image else jnp.int32)
         heads = []
 
-        def record(f, args, kwargs, context):
+        def record(f, args, kwargs, context, heads=heads):
             if context.method_name == "__call__" and isinstance(context.module, layers.ClassifierHead):
                 heads.append((context.module.name, context.module.num_classes))
             return f(*args, **kwargs)
 
         with nn.intercept_methods(record):
-            logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), inputs)[0])
+            logits = jax.eval_shape(lambda m=model, x=inputs: m.init_with_output(jax.random.key(0), x)[0])
         assert heads == [("head", cfg.num_classes)], cfg.name
         assert logits.shape == (2, cfg.num_classes) and logits.dtype == jnp.float32

@@ -116,7 +116,7 @@ def bn_applies(model):
 
 def test_batch_stats_updated_in_train_mode(tiny):
     model, variables, images = tiny
-    logits, stats = bn_applies(model)(variables, images, train=True)
+    _logits, stats = bn_applies(model)(variables, images, train=True)
     before, after = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(stats)
     assert len(before) == len(after) > 0
     assert all(not np.allclose(a, b) for a, b in zip(after, before, strict=True))

@@ -150,7 +150,7 @@ def test_greedy_beam_shapes_and_beam1_equals_greedy(decoder):
 
 
 def test_beam_scores_are_sequence_logprobs(decoder):
-    model, params, src, greedy, eos = decoder
+    model, params, src, _greedy, eos = decoder
     k = 3
     search = jax.jit(lambda p, s: transformer.beam_search(model, p, s, k, MAX_LEN, BOS, eos, 0.0))
     tokens, scores = search(params, src)

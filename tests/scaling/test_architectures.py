@@ -6,10 +6,11 @@ import json
 import math
 
 import pytest
-from conftest import REPO, SMALL_CORPUS
 
 from bigmodel import cli
 from bigmodel.scaling import plan, report, results
+
+from conftest import REPO, SMALL_CORPUS
 
 ARCHITECTURES = str(REPO / "experiments" / "scaling" / "architectures.py")
 

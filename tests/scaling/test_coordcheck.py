@@ -37,7 +37,7 @@ def test_mup_is_flat_and_standard_grows(base):
 def test_mup_learning_rates_per_group(base):
     config = coordcheck.width_config(base, 128, 8, mup=True)
     assert config.model.num_heads == 16 and config.optim.grad_clip == 0.0
-    mesh, rules, module, task, tx, _ = train.setup_model(config, sharding.axis_sizes(data=8))
+    _mesh, _rules, module, task, tx, _ = train.setup_model(config, sharding.axis_sizes(data=8))
     abstract = jax.eval_shape(train.init_fn(module, task, tx, task.dummy_batch(8, 32)), jax.random.key(0))
     labels = train.mup_labels(abstract.params)
     assert labels["block_0"]["mlp"]["fc_in"]["kernel"].value == "hidden"

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from bigmodel.scaling import cli, laws, output, powerlaws, results
-from bigmodel.scaling import fit as fitlib
+from bigmodel.scaling import cli, fit as fitlib, laws, output, powerlaws, results
 
 TRUE = dict(E=1.7, A=400.0, B=1500.0, alpha=0.33, beta=0.30)
 
@@ -128,7 +127,7 @@ def test_closed_form_optimum_minimises_loss_along_isoflop():
     for c in (1e18, 1e21, 1e24):
         n_opt, d_opt, l_opt = fit.optimal(c)
         assert 6 * n_opt * d_opt == pytest.approx(c, rel=1e-12)
-        res = optimize.minimize_scalar(lambda u: fit.predict(math.exp(u), c / (6 * math.exp(u))),
+        res = optimize.minimize_scalar(lambda u, c=c: fit.predict(math.exp(u), c / (6 * math.exp(u))),
                                        bounds=(5, 40), method="bounded",
                                        options={"xatol": 1e-10})
         assert math.log(n_opt) == pytest.approx(res.x, abs=1e-4)

@@ -13,11 +13,10 @@ bad = st.sampled_from(["nan", "-1", "0", "", "abc", "inf"])
 
 
 def write(rows, header=("params", "tokens", "loss")):
-    f = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False, newline="")
-    w = csv.writer(f)
-    w.writerow(header)
-    w.writerows(rows)
-    f.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
     return f.name
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SMALL_CORPUS
 
-from bigmodel import cli
-from bigmodel import config as config_lib
-from bigmodel.scaling import plan as planning
-from bigmodel.scaling import report, results, runner
+from bigmodel import cli, config as config_lib
+from bigmodel.scaling import plan as planning, report, results, runner
+
+from conftest import REPO, SMALL_CORPUS
 
 GPT_STDLIB = str(REPO / "experiments" / "scaling" / "gpt_stdlib.py")
 VS_LSTM = str(REPO / "experiments" / "scaling" / "transformer_vs_lstm.py")
@@ -111,7 +110,7 @@ def test_emit_slurm_and_k8s(tmp_path, capsys):
             "--config.base.train.batch_size=16", "--parallel", "2"]
     assert cli.main(args + ["--emit", "slurm"]) == 0
     script = (tmp_path / "sweep.slurm").read_text()
-    directives = re.findall(r"^#SBATCH (\S+)$", script, re.M)
+    directives = re.findall(r"^#SBATCH (\S+)$", script, re.MULTILINE)
     assert directives[:3] == ["--job-name=sweep-gpt_stdlib", "--array=0-5%2", "--ntasks=1"]
     # Resumable as a launched job is: TERM to the step before the limit, requeue, appended logs.
     assert {"--requeue", "--signal=TERM@120", "--open-mode=append",
@@ -132,9 +131,9 @@ def test_emit_slurm_and_k8s(tmp_path, capsys):
     assert (pod["restartPolicy"], pod["terminationGracePeriodSeconds"]) == ("Never", 120)  # time to checkpoint
     (container,) = pod["containers"]
     assert container["image"] == "me/bigmodel:1" and container["workingDir"] == str(Path.cwd())
-    assert container["command"] == ["sh", "-c", f'exec bigmodel sweep --config {GPT_STDLIB}:tiny --workdir '
+    assert container["command"] == ["sh", "-c", (f'exec bigmodel sweep --config {GPT_STDLIB}:tiny --workdir '
                                     f'{tmp_path.resolve()} --only "$JOB_COMPLETION_INDEX" '
-                                    "--config.base.train.batch_size=16"]
+                                    "--config.base.train.batch_size=16")]
     rows = results.read_rows(tmp_path)
     assert [r["status"] for r in rows] == ["planned"] * 6
     assert all((tmp_path / "runs" / r["run"] / "run_config.py").is_file() for r in rows)
