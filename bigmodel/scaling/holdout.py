@@ -41,8 +41,8 @@ RULES = {
 }
 KAPLAN_VARIABLE = {"largest": "flops", "params-above": "params", "tokens-above": "tokens"}
 RULE_HELP = ("hold runs out of the fit and report predicted against measured loss for each: "
-             + "; ".join(f"{k}:{'N' if k == 'params-above' else k[0].upper()} holds out {v}"
-                         for k, v in RULES.items()))
+             + "; ".join(f"{k}:{x} holds out {RULES[k]}"
+                         for k, x in (("largest", "K"), ("params-above", "N"), ("tokens-above", "D"))))
 
 
 @dataclasses.dataclass(frozen=True)

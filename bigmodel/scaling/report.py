@@ -312,18 +312,28 @@ def plot_families(rows: Sequence[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
-def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per family: sizes, a Kaplan L(C) = (C_c/C)^alpha_C fit on its compute envelope, and the
-    lowest loss reached within the largest compute budget every family covers.
+FAMILY_BOOTSTRAP = 1000  # resamples per family for the interval of alpha_C (each is one small least-squares fit)
+
+
+def compare_families(rows: Sequence[dict[str, Any]], n_bootstrap: int = FAMILY_BOOTSTRAP,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """Per family: sizes, a Kaplan L(C) = (C_c/C)^alpha_C fit on its compute envelope with a bootstrap
+    interval, the lowest loss reached within the largest compute budget every family covers, and
+    (alpha_c_vs) each other family's exponent difference with its interval and whether it is significant.
 
     C is the flops column (6·N_active·D), so mixtures of experts are charged for the
-    experts a token uses, not for all of them.
+    experts a token uses, not for all of them. The bootstrap resamples a family's runs with
+    replacement and refits its envelope law; a resample whose envelope cannot carry the law
+    (too few points or too narrow a range) is counted in n_failed. A difference is significant
+    when the 95% interval of alpha_C(family) - alpha_C(other), from independent resamples of
+    the two families, excludes 0.
     """
     from bigmodel.scaling import powerlaws
 
     groups = _groups(rows, lambda r: r["model"])
     common = min(max(_num(r["flops"]) for r in g) for g in groups.values())
-    table = []
+    rng = np.random.default_rng(seed)
+    table, replicates = [], {}
     for family, group in groups.items():
         largest = max(group, key=lambda r: _num(r["params"]))
         entry: dict[str, Any] = {
@@ -339,18 +349,54 @@ def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                          envelope=[int(i) for i in law.envelope])
         except results.NotSupported as e:
             entry["alpha_c"] = f"skipped: {e}"
+            table.append(entry)
+            continue
+        alphas = []
+        for _ in range(n_bootstrap):
+            try:
+                alphas.append(powerlaws.fit_kaplan(data.subset(rng.integers(0, len(data), len(data))), "flops").alpha)
+            except results.NotSupported:
+                pass
+        replicates[family] = np.asarray(alphas)
+        entry["alpha_c_bootstrap"] = {"n_resamples": n_bootstrap, "n_failed": n_bootstrap - len(alphas), "seed": seed}
+        if len(alphas) >= 2:
+            entry["alpha_c_ci95"] = [float(q) for q in np.percentile(alphas, [2.5, 97.5])]
         table.append(entry)
+    for entry in table:
+        mine = replicates.get(entry["model"])
+        if mine is None or len(mine) < 2:
+            continue
+        entry["alpha_c_vs"] = {}
+        for other in table:
+            theirs = replicates.get(other["model"])
+            if other is entry or theirs is None or len(theirs) < 2:
+                continue
+            k = min(len(mine), len(theirs))
+            lo, hi = (float(q) for q in np.percentile(mine[:k] - theirs[:k], [2.5, 97.5]))
+            entry["alpha_c_vs"][other["model"]] = {"difference": entry["alpha_c"] - other["alpha_c"],
+                                                   "ci95": [lo, hi], "significant": bool(lo > 0 or hi < 0)}
     return table
 
 
 def format_families(table: Sequence[dict[str, Any]]) -> str:
-    """The family comparison as a terminal table."""
-    lines = [(f"{'model':<10} {'runs':>4} {'params':>9} {'active':>9} {'alpha_C':>14} "
+    """The family comparison as a terminal table, then which exponent differences are significant."""
+    lines = [(f"{'model':<10} {'runs':>4} {'params':>9} {'active':>9} {'alpha_C':>14} {'95% interval':>17} "
              f"{'loss @ ' + _count(table[0]['common_flops']) + ' FLOPs':>20}")]
     for e in table:
         alpha = (f"{e['alpha_c']:.4f} ± {e['alpha_c_se']:.3f}" if not isinstance(e["alpha_c"], str) else "-")
+        ci = e.get("alpha_c_ci95")
+        interval = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
         lines.append(f"{e['model']:<10} {e['runs']:>4} {_count(e['params']):>9} {_count(e['params_active']):>9} "
-                     f"{alpha:>14} {e['loss_at_common_flops']:>20.4f}")
+                     f"{alpha:>14} {interval:>17} {e['loss_at_common_flops']:>20.4f}")
+    pairs = [(e["model"], other, d) for i, e in enumerate(table) for other, d in e.get("alpha_c_vs", {}).items()
+             if other in [t["model"] for t in table[i + 1:]]]
+    if pairs:
+        lines.append("alpha_C differences (95% bootstrap interval; significant when it excludes 0):")
+        for a, b, d in pairs:
+            lines.append(f"  {a} - {b}: {d['difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] "
+                         f"{'significant' if d['significant'] else 'not significant'}")
+        significant = [f"{a} vs {b}" for a, b, d in pairs if d["significant"]]
+        lines.append("  significant: " + (", ".join(significant) if significant else "none"))
     return "\n".join(lines)
 
 
