@@ -16,8 +16,10 @@ predicts from a saved fit (predict.py).
     bigmodel scaling report SWEEP_DIR [--no-fit]
 
 prints the runs of a sweep (finished, running with progress, failed with the error, planned)
-and its current fit; it works while the sweep is still running. Further subcommands hang off
-the same `scaling` parser: add a function like `_add_fit` and call it from `register`.
+and its current fit, and writes SWEEP_DIR/report.html, the same on one self-contained page with the
+fits' intervals, the hold-out check and the plots (page.py); it works while the sweep is still
+running. Further subcommands hang off the same `scaling` parser: add a function like `_add_fit`
+and call it from `register`.
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
                     "then the scaling fit of the finished runs.")
     p.add_argument("workdir", type=Path, metavar="SWEEP_DIR", help="the --workdir of `bigmodel sweep`")
     p.add_argument("--no-fit", action="store_true", help="the table only")
+    p.add_argument("--no-html", action="store_true",
+                   help="do not write SWEEP_DIR/report.html (one self-contained page: runs, fits with intervals, "
+                        "hold-out check, families, the plots embedded)")
     p.set_defaults(func=run_report)
 
 
@@ -187,7 +192,7 @@ def run_report(args: argparse.Namespace) -> int:
     from bigmodel.scaling import report
 
     try:
-        print(report.format_report(args.workdir, fit=not args.no_fit))
+        print(report.format_report(args.workdir, fit=not args.no_fit, html=not args.no_html))
     except FileNotFoundError as e:
         raise SystemExit(f"bigmodel scaling report: error: {e}") from None
     return 0

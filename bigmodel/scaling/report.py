@@ -217,13 +217,18 @@ def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
     return lines
 
 
-def format_report(workdir: str | Path, fit: bool = True) -> str:
-    """The report printed by `bigmodel scaling report DIR`."""
+def format_report(workdir: str | Path, fit: bool = True, html: bool = False) -> str:
+    """The report printed by `bigmodel scaling report DIR`; with `html` it also writes DIR/report.html (page.py)."""
     workdir = Path(workdir)
     rows = read_rows(workdir)
     text = format_table(workdir, rows)
+    fit_lines = current_fit(workdir, rows) if fit else []
     if fit:
-        text += "\n\n" + "\n".join(current_fit(workdir, rows))
+        text += "\n\n" + "\n".join(fit_lines)
+    if html:
+        from bigmodel.scaling import page
+
+        text += f"\n\nwrote {page.write_page(workdir, fit_lines)}"
     return text
 
 
