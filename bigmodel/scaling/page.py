@@ -78,6 +78,8 @@ def runs_section(rows: Sequence[dict[str, str]]) -> str:
 def fit_section(title: str, fit: dict[str, Any]) -> str:
     """A fit.json: approach-3 constants with intervals, degeneracy, predictions and the hold-out check."""
     a3 = fit["approach3"]
+    if "failed" in a3:
+        return f"<h2>{_esc(title)}</h2><p class='warn'>The fit failed: {_esc(a3['failed'])}</p>"
     ci = a3.get("ci95") or {}
     parts = [f"<h2>{_esc(title)}</h2>",
              (f"<p>L(N, D) = E + A/N<sup>alpha</sup> + B/D<sup>beta</sup> fitted on {fit['n_points']} runs "

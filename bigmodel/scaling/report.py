@@ -162,18 +162,31 @@ def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffma
         data = _scaling_data(rows)
         result = fitlib.fit_all(data, n_bootstrap=n_bootstrap, starts=fitlib.STARTS[starts]())
     except results.ScalingDataError as e:
-        return f"skipped: {e}"
+        return f"skipped: {e}" + _record_failure(outdir, len(rows), str(e))
     except ArithmeticError as e:  # an optimum at absurd parameters (too few or too noisy runs)
-        return f"failed: the approach-3 optimiser diverged ({e}); add runs or budgets"
+        reason = f"the approach-3 optimiser diverged ({e}); add runs or budgets"
+        return f"failed: {reason}" + _record_failure(outdir, len(rows), reason)
     output.write_fit(result, outdir)
     f3 = result.approach3
     return (f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}; "
             f"wrote {outdir / output.FIT_JSON}")
 
 
+def _record_failure(outdir: Path, n_points: int, reason: str) -> str:
+    """Write outdir/fit.json saying the fit failed (so `scaling predict` and the report say why); ' (recorded)'."""
+    from bigmodel.scaling import output
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    record = {"n_points": n_points, "approach3": {"failed": reason}, "degenerate": [f"the fit failed: {reason}"]}
+    results.write_text_atomic(outdir / output.FIT_JSON, json.dumps(record, indent=2) + "\n")
+    return f" (recorded in {outdir / output.FIT_JSON})"
+
+
 def summarize_fit(fit: dict[str, Any]) -> list[str]:
     """A few lines from a fit.json dict: approach 3, approach 2 and the Kaplan exponents."""
     a3 = fit["approach3"]
+    if "failed" in a3:
+        return [f"  failed: {a3['failed']}"]
     lines = [(f"  L(N, D) = E + A/N^alpha + B/D^beta: E={a3['E']:.4g} A={a3['A']:.4g} B={a3['B']:.4g} "
               f"alpha={a3['alpha']:.4g} beta={a3['beta']:.4g}; N_opt ~ C^{a3['a']:.3f}, "
               f"D_opt ~ C^{a3['b']:.3f} (RMS log residual {a3['rms_log_residual']:.3g})")]

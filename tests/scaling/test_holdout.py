@@ -181,3 +181,20 @@ def test_chinchilla_holdout_of_models_above_5e9_parameters(reference_file):
     worst = int(np.argmax(np.abs(check.relative_error)))
     assert held.params[worst] > 1.2e10 and check.relative_error[worst] == pytest.approx(-0.034, abs=0.003)
     assert int(check.inside(check.pi95).sum()) in range(8, 13)  # 10 of 17 inside with this seed
+
+
+def test_a_failed_sweep_fit_is_recorded_and_predict_refuses_it(tmp_path, capsys):
+    from bigmodel.scaling import page, report
+
+    # Loss grows with model size: no law L = E + A/N^alpha + B/D^beta with alpha > 0 describes it.
+    rows = [{"model": "gpt", "params": str(n), "params_active": "", "tokens": str(d), "flops": str(6 * n * d),
+             "loss": str(2.0 + 1e-3 * n ** 0.3 + 100 / d ** 0.3)}
+            for n in (1e6, 4e6, 1.6e7) for d in (1e7, 1e8, 1e9)]
+    outcome = report.fit_rows(rows, tmp_path / "fit", starts="small", n_bootstrap=0)
+    assert outcome.startswith("skipped: ") and "alpha=" in outcome and "recorded in" in outcome
+    saved = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert saved["n_points"] == 9 and "loss does not fall with both N and D" in saved["approach3"]["failed"]
+    assert main_cli.main(["scaling", "predict", str(tmp_path / "fit" / "fit.json"), "--flops", "1e15"]) != 0
+    assert "no approach-3 law (" in capsys.readouterr().err
+    assert report.summarize_fit(saved)[0].startswith("  failed: ")
+    assert "The fit failed:" in page.fit_section("Fit of gpt", saved)
