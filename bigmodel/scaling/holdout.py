@@ -12,11 +12,11 @@ Each rule answers a different question about the law:
     tokens-above:D   every run trained on more than D tokens: does it predict longer training?
 
 For every held-out run the check gives the approach-3 prediction with two bootstrap intervals
-(laws.loss_intervals: ci95 for the law, pi95 for a new run's measurement) and, where the rule
-extrapolates in one variable, the Kaplan power law of that variable (L(N), L(D) or L(C) fitted to
-the used runs' lower envelope; it predicts the best loss reached at that size, budget or
-compute, so it applies to runs on the envelope). Errors are signed (predicted - measured) and
-relative to the measurement; the summary is the median absolute relative error.
+(laws.loss_intervals: ci95 for the law, pi95 for a new run's measurement) and, where the used
+runs support its fit, the prediction of Kaplan et al.'s joint form L(N, D) =
+((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D (powerlaws.fit_kaplan_nd; no irreducible term).
+Errors are signed (predicted - measured) and relative to the measurement; the summary is the
+median absolute relative error.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bigmodel.scaling.laws import MIN_POINTS_APPROACH3, approach3_residuals, loss_intervals, replicate_losses
-from bigmodel.scaling.powerlaws import KaplanFit
-from bigmodel.scaling.results import ScalingData, ScalingDataError
+from bigmodel.scaling.powerlaws import KaplanNDFit, fit_kaplan_nd
+from bigmodel.scaling.results import NotSupported, ScalingData, ScalingDataError
 
 if TYPE_CHECKING:
     from bigmodel.scaling.fit import FitReport
@@ -39,7 +39,6 @@ RULES = {
     "params-above": "every run with more than N parameters (does it predict larger models?)",
     "tokens-above": "every run trained on more than D tokens (does it predict longer training?)",
 }
-KAPLAN_VARIABLE = {"largest": "flops", "params-above": "params", "tokens-above": "tokens"}
 RULE_HELP = ("hold runs out of the fit and report predicted against measured loss for each: "
              + "; ".join(f"{k}:{x} holds out {RULES[k]}"
                          for k, x in (("largest", "K"), ("params-above", "N"), ("tokens-above", "D"))))
@@ -104,7 +103,7 @@ class HoldoutCheck:
     predicted: np.ndarray  # approach 3
     ci95: np.ndarray | None  # (runs, 2): interval of the law; None without a bootstrap
     pi95: np.ndarray | None  # (runs, 2): interval for a measurement
-    kaplan: KaplanFit | str  # the law of the rule's variable, or why there is none
+    kaplan: KaplanNDFit | str  # Kaplan's L(N, D) fitted to the used runs, or why there is none
 
     @property
     def signed_error(self) -> np.ndarray:
@@ -122,10 +121,10 @@ class HoldoutCheck:
         return float(np.median(np.abs(self.relative_error)))
 
     def kaplan_predicted(self) -> np.ndarray | None:
-        """The Kaplan law's loss at each held-out run's N, D or C (None when it was not fitted)."""
+        """Kaplan's L(N, D) at each held-out run (None when it was not fitted)."""
         if isinstance(self.kaplan, str):
             return None
-        return self.kaplan(getattr(self.held, self.kaplan.variable))
+        return self.kaplan.predict(self.held.params, self.held.tokens)
 
     def inside(self, interval: np.ndarray | None) -> np.ndarray | None:
         """Whether each measurement lies within an interval."""
@@ -161,7 +160,10 @@ class HoldoutCheck:
             if interval is not None:
                 out[f"fraction_inside_{name}"] = float(np.mean(self.inside(interval)))
         if kaplan is not None:
-            out["kaplan"] = {"variable": self.kaplan.variable, "alpha": self.kaplan.alpha, "x_c": self.kaplan.x_c,
+            k = self.kaplan
+            out["kaplan"] = {"law": "L(N, D) = ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D", "N_c": k.n_c,
+                             "D_c": k.d_c, "alpha_N": k.alpha_n, "alpha_D": k.alpha_d,
+                             "rms_log_residual": k.rms_log_residual,
                              "median_abs_relative_error": float(np.median(np.abs(kaplan / self.held.loss - 1)))}
         else:
             out["kaplan"] = {"skipped": self.kaplan}
@@ -176,8 +178,12 @@ def check(report: FitReport, held: ScalingData, rule: HoldoutRule) -> HoldoutChe
     if boot is not None and boot.samples["E"].size:
         losses = replicate_losses(boot.samples, held.params, held.tokens)
         ci, pi = loss_intervals(losses, approach3_residuals(report.data, report.approach3))
+    try:
+        kaplan: KaplanNDFit | str = fit_kaplan_nd(report.data)
+    except NotSupported as e:
+        kaplan = str(e)
     return HoldoutCheck(rule=rule, n_used=len(report.data), held=held, predicted=predicted, ci95=ci, pi95=pi,
-                        kaplan=report.kaplan[KAPLAN_VARIABLE[rule.kind]])
+                        kaplan=kaplan)
 
 
 def format_check(c: HoldoutCheck) -> str:
@@ -187,8 +193,7 @@ def format_check(c: HoldoutCheck) -> str:
               f"{len(c.held)}"),
              f"  {'params':>9} {'tokens':>9} {'flops':>9} {'measured':>9} {'predicted':>9} {'error':>8} "
              f"{'rel.':>7}  {'95% interval (run)':<19} in"
-             + (f"  {'Kaplan L(' + {'params': 'N', 'tokens': 'D', 'flops': 'C'}[c.kaplan.variable] + ')':>12}"
-                if kaplan is not None else "")]
+             + (f" {'Kaplan L(N,D)':>13}" if kaplan is not None else "")]
     inside = c.inside(c.pi95)
     for i in range(len(c.held)):
         interval = f"[{c.pi95[i, 0]:.4f}, {c.pi95[i, 1]:.4f}]" if c.pi95 is not None else "(no bootstrap)"
@@ -197,14 +202,14 @@ def format_check(c: HoldoutCheck) -> str:
                 f"{100 * c.relative_error[i]:>+6.2f}%  {interval:<19} "
                 f"{('yes' if inside[i] else 'NO') if inside is not None else '-':<3}")
         if kaplan is not None:
-            line += f" {kaplan[i]:>12.4f}"
+            line += f" {kaplan[i]:>13.4f}"
         lines.append(line)
     summary = f"  median |relative error| {100 * c.median_abs_relative_error:.2f}%"
     if inside is not None:
         summary += f"; {int(inside.sum())}/{len(inside)} measurements inside the 95% interval for a run"
     if kaplan is not None:
-        summary += (f"; Kaplan L({c.kaplan.variable}) median |relative error| "
+        summary += (f"; Kaplan L(N, D) median |relative error| "
                     f"{100 * float(np.median(np.abs(kaplan / c.held.loss - 1))):.2f}%")
-    elif isinstance(c.kaplan, str):
-        summary += f"; Kaplan law of {KAPLAN_VARIABLE[c.rule.kind]}: skipped ({c.kaplan})"
+    else:
+        summary += f"; Kaplan L(N, D): skipped ({c.kaplan})"
     return "\n".join([*lines, summary])
