@@ -150,9 +150,14 @@ def _scaling_data(rows: Sequence[dict[str, Any]]):
                               source=f"{RESULTS} ({family}, finished runs)")
 
 
-def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffmann", n_bootstrap: int = 100) -> str:
-    """Fit finished rows and write outdir/fit.json with the fit plots; returns a one-line outcome."""
-    from bigmodel.scaling import fit as fitlib, laws, output
+def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffmann", n_bootstrap: int = 100,
+             holdout: str = "") -> str:
+    """Fit finished rows and write outdir/fit.json with the fit plots; returns a one-line outcome.
+
+    With a hold-out rule (holdout.py, e.g. 'largest:1') the fit leaves those runs out and fit.json
+    records its predictions for them against their measured losses.
+    """
+    from bigmodel.scaling import fit as fitlib, holdout as holdouts, laws, output
 
     if starts not in fitlib.STARTS:
         raise ValueError(f"config.sweep.fit_starts={starts!r}; use one of {tuple(fitlib.STARTS)}")
@@ -160,7 +165,13 @@ def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffma
         return f"skipped: {len(rows)} finished runs; approach 3 needs {laws.MIN_POINTS_APPROACH3}"
     try:
         data = _scaling_data(rows)
+        held = None
+        if holdout:
+            rule = holdouts.parse_rule(holdout)
+            data, held = holdouts.split(data, rule)
         result = fitlib.fit_all(data, n_bootstrap=n_bootstrap, starts=fitlib.STARTS[starts]())
+        if held is not None:
+            result.holdout = holdouts.check(result, held, rule)
     except results.ScalingDataError as e:
         return f"skipped: {e}" + _record_failure(outdir, len(rows), str(e))
     except ArithmeticError as e:  # an optimum at absurd parameters (too few or too noisy runs)
@@ -168,7 +179,9 @@ def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffma
         return f"failed: {reason}" + _record_failure(outdir, len(rows), reason)
     output.write_fit(result, outdir)
     f3 = result.approach3
-    return (f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}; "
+    checked = (f"; {len(result.holdout.held)} held out ({result.holdout.rule}): median |error| "
+               f"{100 * result.holdout.median_abs_relative_error:.2f}%" if result.holdout is not None else "")
+    return (f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}{checked}; "
             f"wrote {outdir / output.FIT_JSON}")
 
 
@@ -209,7 +222,8 @@ def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
         finished = [r for r in rows if r["model"] == family and r["status"] == "finished"]
         path = fit_dir(workdir, family, families) / output.FIT_JSON
         saved = json.loads(path.read_text()) if path.is_file() else None
-        if saved is not None and saved.get("n_points") == len(finished):
+        covered = (saved.get("n_points", 0) + (saved.get("holdout") or {}).get("n_held_out", 0)) if saved else -1
+        if saved is not None and covered == len(finished):
             lines += [f"fit of {family} ({path}, {len(finished)} runs):", *summarize_fit(saved)]
             continue
         if len(finished) < laws.MIN_POINTS_APPROACH3:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bigmodel import cli
-from bigmodel.scaling import fit as fitlib, holdout, laws, output, page, report, results
+from bigmodel.scaling import page, report, results
 
 CHROMIUM = shutil.which("chromium")
 
@@ -42,12 +42,8 @@ def sweep_dir(tmp_path_factory) -> Path:
     rows = sweep_rows()
     results.write_csv_atomic(workdir / results.RESULTS, rows)
     gpt = [r for r in rows if r["model"] == "gpt"]
-    data = report._scaling_data(gpt)
-    rule = holdout.parse_rule("largest:2")
-    used, held = holdout.split(data, rule)
-    fitted = fitlib.fit_all(used, n_bootstrap=8, starts=laws.small_grid())
-    fitted.holdout = holdout.check(fitted, held, rule)
-    output.write_fit(fitted, workdir / "fit" / "gpt")
+    outcome = report.fit_rows(gpt, workdir / "fit" / "gpt", starts="small", n_bootstrap=8, holdout="largest:2")
+    assert outcome.startswith("14 runs: ") and "2 held out (largest:2): median |error|" in outcome, outcome
     finished = [r for r in rows if r["status"] == "finished"]
     (workdir / "fit" / "families.json").write_text(json.dumps(report.compare_families(finished, n_bootstrap=50)))
     return workdir
@@ -55,7 +51,9 @@ def sweep_dir(tmp_path_factory) -> Path:
 
 def test_report_writes_one_page_with_runs_fit_holdout_families_and_plots(sweep_dir, capsys):
     assert cli.main(["scaling", "report", str(sweep_dir)]) == 0
-    assert f"wrote {sweep_dir / page.REPORT_HTML}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {sweep_dir / page.REPORT_HTML}" in printed
+    assert "fit of gpt (" in printed and "quick look" not in printed.split("fit of gpt")[1].split("fit of")[0]
     text = (sweep_dir / page.REPORT_HTML).read_text()
     fit = json.loads((sweep_dir / "fit" / "gpt" / "fit.json").read_text())
     assert text.count("<tr>") >= 34 + 7  # 34 runs and 7 constants, at least
