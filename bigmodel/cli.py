@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print("bigmodel: interrupted", file=sys.stderr, flush=True)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

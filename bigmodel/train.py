@@ -322,7 +322,9 @@ class Prepared:
             start = time.time()
             jitted = jax.jit(step, in_shardings=(self.shardings, batch_sh, repl),
                              out_shardings=(self.shardings, repl), donate_argnums=0)
-            self.lowered = jitted.lower(self.abstract_state(), self.batch, jax.eval_shape(jax.random.key, 0))
+            # The key's abstract value is taken from step_rng itself, so it follows the PRNG implementation in force
+            # now (eval_shape of a fixed function may be served from a cache traced under another one).
+            self.lowered = jitted.lower(self.abstract_state(), self.batch, jax.eval_shape(lambda: self.step_rng))
             self.train_step = self.lowered.compile()
             self.compile_s = time.time() - start
         self.eval_step = jax.jit(make_eval_step(self.module, self.task), in_shardings=(self.shardings, batch_sh),
