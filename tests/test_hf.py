@@ -6,6 +6,7 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -51,6 +52,20 @@ def hf_bert(seed: int = 0) -> torch.nn.Module:
     return randomise(transformers.BertForMaskedLM(cfg), seed)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def hf_llama(kv_heads: int = 2, tie: bool = False, rope: dict | None = None, seed: int = 0) -> torch.nn.Module:
+    """A small LlamaForCausalLM: GQA with `kv_heads`, theta 5000, the given rope scaling."""
+    cfg = transformers.LlamaConfig(
+        hidden_size=SMALL["d"], num_hidden_layers=SMALL["layers"], num_attention_heads=SMALL["heads"],
+        num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=64,
+        tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
+        rope_parameters={"rope_theta": 5000.0, **(rope or {"rope_type": "default"})})
+    return randomise(transformers.LlamaForCausalLM(cfg), seed)
+
+
 def torch_logits(model: torch.nn.Module, ids: np.ndarray, bert: bool = False) -> np.ndarray:
     kwargs = {"attention_mask": torch.tensor(ids != 0)} if bert else {}  # our BERT masks [PAD] = 0 keys
     with torch.no_grad():
@@ -89,6 +104,47 @@ def test_gpt2_import_and_export_match_transformers(tmp_path, tie):
     back, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert max_diff(ours, torch_logits(back.eval(), IDS)) < 1e-4
+
+
+@pytest.mark.parametrize("kv_heads,tie,rope", [(2, False, None), (1, False, LLAMA3_ROPE),
+                                              (4, True, {"rope_type": "linear", "factor": 4.0})],
+                         ids=["llama2-gqa", "llama3-scaling-mqa", "linear-scaling-tied"])
+def test_llama_import_and_export_match_transformers(tmp_path, kv_heads, tie, rope):
+    ref = hf_llama(kv_heads, tie, rope)
+    ref.save_pretrained(tmp_path / "hf")
+    module, params = hf.from_pretrained(tmp_path / "hf")
+    cfg = module.cfg
+    assert (cfg.position, cfg.norm, cfg.activation, cfg.use_bias) == ("rope", "rmsnorm", "swiglu", False)
+    assert cfg.rope_base == 5000.0 and cfg.num_kv_heads == (0 if kv_heads == 4 else kv_heads)
+    assert cfg.rope_scaling == (rope or {"rope_type": "none"})["rope_type"] and cfg.tie_embeddings is tie
+    assert params["block_0"]["attn"]["key_kernel"].shape == (64, kv_heads, 16) and ("lm_head" in params) is not tie
+    ours = our_logits(module, params, IDS)
+    assert max_diff(ours, torch_logits(ref, IDS)) < 1e-4
+    if rope:  # the scaling matters at these positions: without it the logits differ
+        plain = module.clone(cfg=dataclasses.replace(cfg, rope_scaling="none"))
+        assert np.abs(our_logits(plain, params, IDS) - ours).max() > 1e-2
+
+    hf.save_pretrained(module, params, tmp_path / "ours")
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert type(back).__name__ == "LlamaForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert max_diff(ours, torch_logits(back.eval(), IDS)) < 1e-4
+
+
+def test_llama_config_spellings_and_refusals():
+    """transformers 4's rope_theta/rope_scaling spelling reads as 5's rope_parameters; what we cannot run is refused."""
+    v5 = hf_llama(rope=LLAMA3_ROPE).config.to_dict()
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    v4 |= {"rope_theta": 5000.0, "rope_scaling": {"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items()
+                                                                      if k != "rope_type"}}}
+    assert hf.model_config(v4).to_dict() == hf.model_config(v5).to_dict()
+    assert hf.model_config(v4).rope_original_max_len == 16 and hf.model_config(v4).rope_factor == 8.0
+    with pytest.raises(ValueError, match="rope scaling type 'yarn'"):
+        hf.model_config(v5 | {"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        hf.model_config(v5 | {"attention_bias": True})
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        hf.model_config(v5 | {"hidden_act": "gelu"})
 
 
 def test_gpt2_pytorch_bin_and_scanned_layers(tmp_path):
@@ -162,8 +218,8 @@ def test_unsupported_configs_are_refused(tmp_path):
     bert = hf_bert().config.to_dict()
     with pytest.raises(ValueError, match="hidden_act='silu'"):
         hf.model_config(bert | {"hidden_act": "silu"})
-    with pytest.raises(ValueError, match="model_type='llama'"):
-        hf.model_config({"model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        hf.model_config({"model_type": "mistral"})
 
 
 def test_config_load_accepts_a_workdir_config_json(tmp_path):

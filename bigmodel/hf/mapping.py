@@ -43,7 +43,7 @@ class Family:
             if key in cfg and cfg[key] not in allowed and not (key == "num_kv_heads" and cfg[key] == cfg.num_heads):
                 raise ValueError(
                     f"model.{key}={cfg[key]!r} has no {self.hf_name} equivalent (it needs {allowed[0]!r}); "
-                    "export only GPT-2/BERT-layout models"
+                    "export only GPT-2, Llama or BERT-layout models"
                 )
 
 
