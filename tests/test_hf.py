@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -345,3 +346,62 @@ def test_import_hf_then_generate_and_fine_tune(tmp_path, tiny_overrides, capsys)
     assert rows[0]["loss"] == pytest.approx(expected, rel=1e-4)
     assert math.isfinite(rows[1]["loss"])
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["0", "2"]
+
+
+def test_export_hf_loads_in_transformers_with_its_tokenizer(tmp_path, tiny_overrides, capsys):
+    """import-hf (byte tokenizer) then export-hf: Auto classes load the folder; logits and token ids agree."""
+    ref = hf_llama(rope=LLAMA3_ROPE, seed=4)
+    ref.save_pretrained(tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "w", GPT_TINY + ":tiny", tiny_overrides)
+    assert cli.main(["export-hf", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 0
+    assert "AutoModelForCausalLM" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "LlamaForCausalLM" and back.config.eos_token_id == 256
+    assert max_diff(torch_logits(back, IDS), torch_logits(ref, IDS)) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "def f(x):\n    return 'héllo' + x  # ☃\n"
+    ids = tok(text)["input_ids"]
+    assert ids == tokenizers.ByteTokenizer().encode(text).tolist() and tok.decode(ids) == text
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 256
+
+    # Refusals leave nothing behind: an occupied --out, a run that is not a checkpointed model.
+    assert cli.main(["export-hf", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert cli.main(["export-hf", "--workdir", str(tmp_path / "hf"), "--out", str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def hub_cache_entry(cache, name: str, model: torch.nn.Module) -> None:
+    """Put `model` into a Hugging Face Hub cache as repository `name` (the layout huggingface_hub writes)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + name.replace("/", "--"))
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_import_hf_from_the_hub_offline(tmp_path, tiny_overrides, monkeypatch):
+    """A Hub name: offline and uncached, a one-line error saying how to pass a directory; cached, it imports."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "home"))
+    cmd = [sys.executable, "-c", "import sys; from bigmodel import cli; sys.exit(cli.main())", "import-hf", "--from",
+           "tiny-org/tiny-llama", "--workdir", str(tmp_path / "w")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "tiny-org/tiny-llama" in line and "HF_HUB_OFFLINE is set" in line and "--from DIR" in line
+    assert not (tmp_path / "w").exists()
+
+    import huggingface_hub
+
+    hub_cache_entry(tmp_path / "cache", "tiny-org/tiny-llama", hf_llama(seed=5))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    config = hf.import_hf("tiny-org/tiny-llama", tmp_path / "w", GPT_TINY + ":tiny", tiny_overrides)
+    assert config.model.position == "rope" and config.model.num_kv_heads == 2
+    assert (tmp_path / "w" / "checkpoints" / "0").is_dir()

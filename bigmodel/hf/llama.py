@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bigmodel.hf.mapping import Family, Params, StateDict, Tensors, require, stack_layers, tree_map, unstack_layers
+from bigmodel.hf.mapping import Family, Params, StateDict, Tensors, gpt_blocks_in, gpt_blocks_out, require
 
 # config.json rope_type -> our model.rope_scaling
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
@@ -135,16 +135,12 @@ def params_from_hf(state: StateDict, cfg: ml_collections.ConfigDict, seed: int =
     t.refuse_leftovers(
         lambda key: key.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and key == "lm_head.weight"),
         "Llama", "LlamaForCausalLM and LlamaModel weights")
-    if cfg.scan_layers:
-        params = stack_layers(params, cfg.num_layers, "block_", "blocks")
-    return params
+    return gpt_blocks_in(params, cfg)
 
 
 def params_to_hf(params: Params, cfg: ml_collections.ConfigDict) -> StateDict:
     """A LlamaForCausalLM state dict from Llama-layout GPT params."""
-    params = tree_map(np.asarray, params)
-    if cfg.scan_layers:
-        params = unstack_layers(params, cfg.num_layers, "block_", "blocks")
+    params = gpt_blocks_out(params, cfg)
     d = cfg.d_model
     out = {"model.embed_tokens.weight": params["wte"]["embedding"],
            "model.norm.weight": params["ln_f"]["RMSNorm_0"]["scale"]}
