@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -405,3 +406,75 @@ def test_import_hf_from_the_hub_offline(tmp_path, tiny_overrides, monkeypatch):
     config = hf.import_hf("tiny-org/tiny-llama", tmp_path / "w", GPT_TINY + ":tiny", tiny_overrides)
     assert config.model.position == "rope" and config.model.num_kv_heads == 2
     assert (tmp_path / "w" / "checkpoints" / "0").is_dir()
+
+
+def wordpiece_tokenizer(path) -> None:
+    """A small BERT-style WordPiece tokenizer.json ([PAD] = 0, [UNK], [CLS], [SEP], [MASK]) learnt on stdlib text."""
+    import glob
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from conftest import SMALL_CORPUS
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    texts = [pathlib.Path(f).read_text(encoding="utf-8") for f in sorted(glob.glob(SMALL_CORPUS))]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    tok.save(str(path))
+
+
+@pytest.mark.slow
+def test_imported_bert_fine_tunes_with_its_wordpiece_vocabulary(tmp_path, data_dir, capsys):
+    """import-hf a BERT (with pooler) and its WordPiece tokenizer under bert_classify, then train on the stdlib task."""
+    from tokenizers import Tokenizer
+
+    from bigmodel import checkpoint, data as data_lib
+
+    from conftest import REPO
+
+    (tmp_path / "hf").mkdir()
+    wordpiece_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    wp = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    special = {t: wp.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")}
+    assert special["[PAD]"] == 0 and max(special.values()) < 5
+    cfg = transformers.BertConfig(hidden_size=SMALL["d"], num_hidden_layers=SMALL["layers"],
+                                  num_attention_heads=SMALL["heads"], intermediate_size=128,
+                                  vocab_size=wp.get_vocab_size(), max_position_embeddings=64)
+    ref = transformers.BertForPreTraining(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+
+    work = tmp_path / "work"
+    classify = str(REPO / "experiments" / "bert_classify.py") + ":tiny"
+    assert cli.main(["import-hf", "--from", str(tmp_path / "hf"), "--workdir", str(work), "--config", classify,
+                     f"--config.data.data_dir={data_dir}", "--config.log.progress=false"]) == 0
+    config = config_lib.load(str(work / "config.json"))
+    assert (config.task, config.model.head, config.model.num_classes) == ("classify", "classify", 8)
+    assert config.model.vocab_size == wp.get_vocab_size() and config.data.tokenizer.endswith("tokenizer.json")
+
+    # Step 0: the checkpoint's encoder and pooler; the classifier head is new.
+    saved = checkpoint.Checkpointer(work, keep=1, async_save=False)
+    params = saved.restore_raw(0)["params"]
+    saved.close()
+    np.testing.assert_array_equal(params["bert"]["embeddings"]["word"]["embedding"],
+                                  ref.bert.embeddings.word_embeddings.weight.detach().numpy())
+    np.testing.assert_array_equal(params["bert"]["pooler"]["kernel"], ref.bert.pooler.dense.weight.detach().numpy().T)
+    assert params["head"]["kernel"].shape == (SMALL["d"], 8)
+
+    # Rows are framed with the vocabulary's own [CLS] … [SEP], not ids appended after it.
+    data = data_lib.build(config, shard=(0, 1))
+    rows = next(iter(data.train))["inputs"]
+    assert (rows[:, 0] == special["[CLS]"]).all() and (rows == special["[SEP]"]).sum(axis=1).min() == 1
+    assert rows.max() < wp.get_vocab_size() and (rows[:, 1:] == special["[CLS]"]).sum() == 0
+    text = data.tokenizer.decode(rows[0])
+    assert wp.encode(text, add_special_tokens=False).ids[:5] == rows[0, 1:6].tolist()
+
+    assert cli.main(["train", "--config", str(work / "config.json"), "--workdir", str(work)]) == 0
+    rows = metrics.read_jsonl(work / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10] and all(math.isfinite(r["loss"]) for r in rows)
+    summary = json.loads((work / "summary.json").read_text())
+    assert 0 <= summary["eval_accuracy"] <= 1 and math.isfinite(summary["eval_loss"])

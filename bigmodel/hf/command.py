@@ -90,12 +90,32 @@ def _step0_state(config: ml_collections.ConfigDict, params: Params) -> Any:
     return state
 
 
+def _classifier_params(config: ml_collections.ConfigDict, encoder: Params, weights: dict) -> Params:
+    """A BertClassifier's params: the imported encoder, the checkpoint's pooler if it has one, a fresh head."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from bigmodel import models
+
+    dummy = jnp.zeros((1, min(8, config.model.max_len)), jnp.int32)
+    init = jax.jit(models.build(config.model).init)(jax.random.key(config.seed), dummy)
+    fresh = jax.tree.map(np.asarray, nn.meta.unbox(init["params"]))
+    pooler = fresh["bert"]["pooler"]
+    for pre in ("bert.", ""):
+        if f"{pre}pooler.dense.weight" in weights:  # nn.Linear [out, in] -> Dense [in, out]
+            pooler = {"kernel": weights[f"{pre}pooler.dense.weight"].T, "bias": weights[f"{pre}pooler.dense.bias"]}
+            break
+    return {**fresh, "bert": {**encoder, "pooler": pooler}}
+
+
 def import_hf(src: str | pathlib.Path, workdir: str | pathlib.Path, config_spec: str | None = None,
               overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """Write a workdir (config.json, step-0 checkpoint, tokenizer) from a HF checkpoint; returns its config.
 
     The config is the experiment's (default experiments/gpt_tiny.py) with `model` replaced by
-    the imported model, `data.tokenizer` set to 'hf:WORKDIR/tokenizer.json' when the
+    the imported model (a BERT under a 'classify' experiment: its encoder and pooler, with the
+    experiment's num_classes and a fresh classifier head), `data.tokenizer` set to 'hf:WORKDIR/tokenizer.json' when the
     checkpoint ships one, then the 'KEY=VALUE' overrides (which may not change the
     architecture).
     """
@@ -112,13 +132,17 @@ def import_hf(src: str | pathlib.Path, workdir: str | pathlib.Path, config_spec:
     if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         raise ConfigError(f"{workdir} already holds checkpoints; import into a new --workdir")
     config = config_lib.load(config_spec)
-    if config.task != family.task:
+    classify = config.task == "classify" and model_cfg.name == "bert"  # the encoder under a fresh classifier
+    if config.task != family.task and not classify:
         raise ConfigError(f"{src} is a {model_cfg.name} checkpoint, which trains on task {family.task!r}, but "
                           f"{config_spec} sets config.task={config.task!r}; pass --config with a {family.task!r} "
                           "experiment")
     has_tokenizer = (src / "tokenizer.json").is_file()
     with config.unlocked():
-        config.model = ml_collections.ConfigDict(model_cfg.to_dict())  # a copy: overrides must not touch model_cfg
+        model = ml_collections.ConfigDict(model_cfg.to_dict())  # a copy: overrides must not touch model_cfg
+        if classify:
+            model.head, model.num_classes = "classify", config.model.num_classes
+        config.model = model
         if has_tokenizer:
             config.data.tokenizer = f"hf:{(workdir / 'tokenizer.json').resolve()}"
     for item in overrides:
@@ -143,7 +167,10 @@ def import_hf(src: str | pathlib.Path, workdir: str | pathlib.Path, config_spec:
         )
     config_lib.validate(config, jax.device_count())
 
-    params = convert(read_state_dict(src), config.model, config.seed, family=family)
+    weights = read_state_dict(src)
+    params = convert(weights, model_cfg, config.seed, family=family)
+    if classify:
+        params = _classifier_params(config, params["bert"], weights)
     state = _step0_state(config, params)
     workdir.mkdir(parents=True, exist_ok=True)
     if has_tokenizer:
