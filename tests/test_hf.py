@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bigmodel import cli, config as config_lib, generate, hf, metrics
+from bigmodel import checkpoint, cli, config as config_lib, generate, hf, metrics
 from bigmodel.config import ConfigError
 from bigmodel.data import pipeline, tokenizers
 
@@ -348,6 +348,15 @@ def test_import_hf_then_generate_and_fine_tune(tmp_path, tiny_overrides, capsys)
     assert math.isfinite(rows[1]["loss"])
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["0", "2"]
 
+    # The trained step-2 weights, exported, compute in transformers what our model computes.
+    assert cli.main(["export-hf", "--workdir", str(work), "--out", str(tmp_path / "exported")]) == 0
+    module, params = hf.from_pretrained(tmp_path / "exported")
+    trained = checkpoint.Checkpointer(work, keep=1, async_save=False)
+    jax.tree.map(np.testing.assert_array_equal, params, trained.restore_raw(2)["params"])
+    trained.close()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert max_diff(our_logits(module, params, IDS), torch_logits(back, IDS)) < 1e-4
+
 
 def test_export_hf_loads_in_transformers_with_its_tokenizer(tmp_path, tiny_overrides, capsys):
     """import-hf (byte tokenizer) then export-hf: Auto classes load the folder; logits and token ids agree."""
@@ -408,7 +417,7 @@ def test_import_hf_from_the_hub_offline(tmp_path, tiny_overrides, monkeypatch):
     assert (tmp_path / "w" / "checkpoints" / "0").is_dir()
 
 
-def wordpiece_tokenizer(path) -> None:
+def wordpiece_tokenizer(path, vocab_size: int = 600) -> None:
     """A small BERT-style WordPiece tokenizer.json ([PAD] = 0, [UNK], [CLS], [SEP], [MASK]) learnt on stdlib text."""
     import glob
 
@@ -422,7 +431,7 @@ def wordpiece_tokenizer(path) -> None:
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     texts = [pathlib.Path(f).read_text(encoding="utf-8") for f in sorted(glob.glob(SMALL_CORPUS))]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
     tok.save(str(path))
@@ -433,7 +442,7 @@ def test_imported_bert_fine_tunes_with_its_wordpiece_vocabulary(tmp_path, data_d
     """import-hf a BERT (with pooler) and its WordPiece tokenizer under bert_classify, then train on the stdlib task."""
     from tokenizers import Tokenizer
 
-    from bigmodel import checkpoint, data as data_lib
+    from bigmodel import data as data_lib
 
     from conftest import REPO
 
@@ -478,3 +487,24 @@ def test_imported_bert_fine_tunes_with_its_wordpiece_vocabulary(tmp_path, data_d
     assert [r["step"] for r in rows if "loss" in r] == [5, 10] and all(math.isfinite(r["loss"]) for r in rows)
     summary = json.loads((work / "summary.json").read_text())
     assert 0 <= summary["eval_accuracy"] <= 1 and math.isfinite(summary["eval_loss"])
+
+
+def test_export_hf_bert_with_its_wordpiece_tokenizer(tmp_path, tiny_overrides):
+    """An imported BERT (MLM) exports as BertForMaskedLM whose AutoTokenizer knows [MASK], [CLS] and [SEP]."""
+    from conftest import REPO
+
+    (tmp_path / "hf").mkdir()
+    wordpiece_tokenizer(tmp_path / "hf" / "tokenizer.json", VOCAB)
+    ref = hf_bert(seed=6)
+    ref.save_pretrained(tmp_path / "hf")
+    stdlib = str(REPO / "experiments" / "bert_stdlib.py") + ":tiny"
+    hf.import_hf(tmp_path / "hf", tmp_path / "w", stdlib, tiny_overrides)
+    hf.export_hf(tmp_path / "w", tmp_path / "out")
+    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "BertForMaskedLM"
+    assert max_diff(torch_logits(back, IDS_PADDED, bert=True), torch_logits(ref, IDS_PADDED, bert=True)) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (tok.mask_token, tok.cls_token, tok.sep_token, tok.pad_token) == ("[MASK]", "[CLS]", "[SEP]", "[PAD]")
+    ids = tok("def message_from_string(s):")["input_ids"]
+    ours = tokenizers.HFTokenizer(tmp_path / "w" / "tokenizer.json")
+    assert ids == [ours.token_id("[CLS]"), *ours.encode("def message_from_string(s):").tolist(), ours.token_id("[SEP]")]
