@@ -508,3 +508,16 @@ def test_export_hf_bert_with_its_wordpiece_tokenizer(tmp_path, tiny_overrides):
     ids = tok("def message_from_string(s):")["input_ids"]
     ours = tokenizers.HFTokenizer(tmp_path / "w" / "tokenizer.json")
     assert ids == [ours.token_id("[CLS]"), *ours.encode("def message_from_string(s):").tolist(), ours.token_id("[SEP]")]
+
+
+def test_export_hf_bert_on_bytes_keeps_the_appended_specials(tmp_path, tiny_overrides):
+    """A byte-vocabulary BERT's [MASK], [CLS], [SEP] (ids 257-259) reach AutoTokenizer at the same ids."""
+    from conftest import REPO
+
+    hf_bert(seed=7).save_pretrained(tmp_path / "hf")  # no tokenizer.json: the byte tokenizer
+    hf.import_hf(tmp_path / "hf", tmp_path / "w", str(REPO / "experiments" / "bert_stdlib.py") + ":tiny",
+                 tiny_overrides)
+    hf.export_hf(tmp_path / "w", tmp_path / "out")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (tok.mask_token_id, tok.cls_token_id, tok.sep_token_id) == (257, 258, 259)
+    assert tok("é[MASK]", add_special_tokens=False)["input_ids"] == [0xC3, 0xA9, 257]

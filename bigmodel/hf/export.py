@@ -3,8 +3,9 @@
 Writes config.json, model.safetensors and the run's tokenizer: tokenizer.json with a
 tokenizer_config.json naming its special tokens (a byte-tokenizer run gets a tokenizer.json
 that maps every byte to the same id as bigmodel's byte tokenizer, end-of-document 256 as
-<|endoftext|>), so `AutoModelForCausalLM` / `AutoModelForMaskedLM` and `AutoTokenizer` load
-the folder. A SentencePiece run's tokenizer.model is copied as it is (no tokenizer.json).
+<|endoftext|>; a BERT's [MASK], [CLS] and [SEP] appended after the vocabulary are added at the
+ids the run gave them), so `AutoModelForCausalLM` / `AutoModelForMaskedLM` and `AutoTokenizer`
+load the folder. A SentencePiece run's tokenizer.model is copied as it is (no tokenizer.json).
 Everything is written into a temporary sibling folder that is renamed to --out at the end.
 """
 
@@ -24,7 +25,7 @@ from bigmodel.config import ConfigError
 from bigmodel.data import tokenizers
 from bigmodel.hf.conversion import family_for_model
 from bigmodel.hf.io import write_checkpoint
-from bigmodel.hf.mapping import tree_map
+from bigmodel.hf.mapping import Family, tree_map
 
 # tokenizer_config.json key -> the tokens that play that part, first found wins.
 SPECIAL_ROLES = {"bos_token": ("<s>", "<|begin_of_text|>"), "eos_token": tokenizers.HFTokenizer.EOD_TOKENS,
@@ -38,28 +39,36 @@ def byte_tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     # Byte-level BPE without merges: each byte becomes its printable stand-in, one token per byte.
-    vocab = {char: byte for char, byte in tokenizers._byte_level_alphabet().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = Tokenizer(models.BPE(vocab=dict(tokenizers._byte_level_alphabet()), merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([BYTE_EOD])
     return tok.to_str()
 
 
-def write_tokenizer(tokenizer: tokenizers.Tokenizer, out: pathlib.Path, max_len: int) -> list[str]:
-    """The run's tokenizer into `out` in transformers' layout; returns the file names written."""
+def write_tokenizer(tokenizer: tokenizers.Tokenizer, out: pathlib.Path, max_len: int,
+                    appended: tuple[str, ...] = ()) -> list[str]:
+    """The run's tokenizer into `out` in transformers' layout; returns the file names written.
+
+    `appended`: special tokens the run placed right after the tokenizer's ids (a BERT's [MASK],
+    [CLS], [SEP] on a byte vocabulary), added to tokenizer.json so they keep those ids.
+    """
+    from tokenizers import Tokenizer
+
     name = tokenizers.kind(tokenizer)
     if name == "sentencepiece":
         shutil.copyfile(tokenizer.path, out / "tokenizer.model")
         return ["tokenizer.model"]
-    if name == "hf":
-        shutil.copyfile(tokenizer.path, out / "tokenizer.json")
-    elif name == "byte":
-        (out / "tokenizer.json").write_text(byte_tokenizer_json())
-    else:
+    if name not in ("hf", "byte"):
         return []
-    vocab = json.loads((out / "tokenizer.json").read_text())
-    known = {t["content"] for t in vocab.get("added_tokens", [])} | set((vocab.get("model") or {}).get("vocab") or {})
+    tok = Tokenizer.from_file(tokenizer.path) if name == "hf" else Tokenizer.from_str(byte_tokenizer_json())
+    if appended:
+        tok.add_special_tokens(list(appended))
+        got = [tok.token_to_id(t) for t in appended]
+        if got != list(range(tokenizer.vocab_size, tokenizer.vocab_size + len(appended))):
+            raise ValueError(f"the tokenizer already has some of {appended}; cannot append them after its vocabulary")
+    (out / "tokenizer.json").write_text(tok.to_str())
+    known = set(tok.get_vocab(with_added_tokens=True))
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     for role, candidates in SPECIAL_ROLES.items():
         found = next((t for t in candidates if t in known), None)
@@ -67,6 +76,18 @@ def write_tokenizer(tokenizer: tokenizers.Tokenizer, out: pathlib.Path, max_len:
             config[role] = found
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return ["tokenizer.json", "tokenizer_config.json"]
+
+
+def _appended_specials(tokenizer: tokenizers.Tokenizer, family: Family) -> tuple[str, ...]:
+    """The BERT specials an MLM run appended after its tokenizer's ids, in id order (none where it has its own)."""
+    from bigmodel.data import mlm
+
+    if family.task != "mlm":
+        return ()
+    ids = mlm.SpecialIds.of(tokenizer)
+    if ids.mask < tokenizer.vocab_size:  # the vocabulary's own
+        return ()
+    return tuple(t for _, t in sorted([(ids.mask, "[MASK]"), (ids.cls, "[CLS]"), (ids.sep, "[SEP]")]))
 
 
 def run_tokenizer(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tokenizers.Tokenizer | None:
@@ -129,7 +150,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
         write_checkpoint(tmp, state, hf_config)
         files = ["config.json", "model.safetensors"]
         if tokenizer is not None:
-            files += write_tokenizer(tokenizer, tmp, int(model.max_len))
+            files += write_tokenizer(tokenizer, tmp, int(model.max_len), _appended_specials(tokenizer, family))
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
