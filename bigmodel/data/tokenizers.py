@@ -150,6 +150,11 @@ class HFTokenizer:
                     token = token[len(prefix):]
                 self.token_bytes[i] = len(token.replace("\u2581", " ").encode("utf-8"))
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (e.g. '[MASK]'), None if it has none."""
+        found = self.tok.token_to_id(token)
+        return None if found is None else int(found)
+
     def encode(self, text: bytes | str) -> np.ndarray:
         """Text -> int32 ids (no special tokens added)."""
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text

@@ -4,7 +4,8 @@ Einsum letters: B batch, T query length, S key/value length, D model width,
 N query heads, K kv heads, H head dim, F MLP hidden, V vocab.
 
 Structural switches in `config.model` (each independent; `LLAMA` sets them all):
-  position     'learned' (GPT-2's wpe table) | 'rope' (rotary, rope_base) | 'none'
+  position     'learned' (GPT-2's wpe table) | 'rope' (rotary, rope_base; rope_scaling 'linear' or
+               'llama3' stretches it for long contexts) | 'none'
   norm         'layernorm' | 'rmsnorm' (norm_eps)
   activation   'gelu_tanh' | 'gelu' | 'relu' | 'swiglu' | 'geglu' (gated: three MLP matrices)
   num_kv_heads 0 = num_heads (multi-head); 1 = multi-query; a divisor of num_heads = grouped-query
@@ -96,6 +97,11 @@ class GPTConfig(fields.ModelConfig):
     mup_base_width: int = field(128, ge=1)  # d_model at which muP and the standard parameterisation coincide
     position: str = field("learned", choices=POSITIONS)  # rope: rotary, with rope_base
     rope_base: float = field(10000.0, gt=0)  # rotary base (position='rope')
+    rope_scaling: str = field("none", choices=layers.ROPE_SCALINGS)  # stretch RoPE for long contexts
+    rope_factor: float = field(1.0, gt=0)  # rope_scaling's factor (linear, llama3)
+    rope_low_freq_factor: float = field(1.0, gt=0)  # llama3: wavelengths above original/low are divided
+    rope_high_freq_factor: float = field(4.0, gt=0)  # llama3: wavelengths below original/high are kept
+    rope_original_max_len: int = field(8192, ge=1)  # llama3: the context length the model was trained at
     norm: str = field("layernorm", choices=layers.NORMS)
     norm_eps: float = field(1e-5, gt=0)
     norm_impl: str = field("", choices=("", *layers.NORM_IMPLS))  # '': layers.default_norm_impl
@@ -122,6 +128,9 @@ class GPTConfig(fields.ModelConfig):
         if self.scan_layers and self.num_experts and 1 < self.moe_every <= self.num_layers:
             raise ConfigError(f"config.model.moe_every={self.moe_every} mixes MoE and dense blocks, but "
                               "config.model.scan_layers stacks identical blocks; use moe_every=1 or scan_layers=False")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"config.model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                              f"config.model.rope_low_freq_factor={self.rope_low_freq_factor} (Llama 3.1: 4 and 1)")
         if self.mup and self.tie_embeddings:
             raise ConfigError("config.model.mup needs config.model.tie_embeddings=False (muP's readout is separate)")
 
@@ -134,6 +143,16 @@ class GPTConfig(fields.ModelConfig):
         if self.activation in layers.GATED:
             return 16 * math.ceil(8 * self.d_model / 3 / 16)
         return 4 * self.d_model
+
+    @property
+    def rope_scaling_spec(self) -> tuple:
+        """`layers.rope_frequencies`' scaling argument for these fields."""
+        if self.rope_scaling == "linear":
+            return ("linear", self.rope_factor)
+        if self.rope_scaling == "llama3":
+            return ("llama3", self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                    self.rope_original_max_len)
+        return ()
 
     @property
     def width_mult(self) -> float:
@@ -171,6 +190,7 @@ class Block(nn.Module):
             zero_query=cfg.mup,
             num_kv_heads=cfg.num_kv_heads or None,
             rope_base=cfg.rope_base if cfg.position == "rope" else 0.0,
+            rope_scaling=cfg.rope_scaling_spec,
             use_bias=cfg.use_bias,
             name="attn",
         )(h, train=self.train)

@@ -15,6 +15,7 @@ rule, so a model cannot silently replicate a tensor by a typo.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -262,17 +263,46 @@ def make_norm(kind: str, epsilon: float, dtype: Any, name: str, use_bias: bool =
     raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}")
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+def rope_frequencies(h: int, base: float, scaling: tuple = ()) -> jax.Array:
+    """The [H/2] rotary frequencies base^(-2i/H), stretched by `scaling` for longer contexts.
+
+    scaling: () or ('none', …) leaves them; ('linear', factor) divides every frequency by factor
+    (position interpolation); ('llama3', factor, low_freq_factor, high_freq_factor,
+    original_max_len) divides only the slow ones, those with a wavelength above
+    original_max_len / low_freq_factor, keeps those below original_max_len / high_freq_factor
+    and blends in between (the Llama 3.1 recipe).
+    """
+    inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    kind = scaling[0] if scaling else "none"
+    if kind == "linear":
+        return inv_freq / scaling[1]
+    if kind == "llama3":
+        factor, low, high, original = scaling[1:]
+        wavelength = 2 * math.pi / inv_freq
+        blend = (original / wavelength - low) / (high - low)
+        blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+        scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        middle = (wavelength >= original / high) & (wavelength <= original / low)
+        return jnp.where(middle, blended, scaled)
+    if kind != "none":
+        raise ValueError(f"unknown rope scaling {kind!r}; use one of {ROPE_SCALINGS}")
+    return inv_freq
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float, scaling: tuple = ()) -> jax.Array:
     """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] at positions [T].
 
     Channel i of the first half pairs with channel i of the second half (the GPT-NeoX /
-    Hugging Face Llama layout); the pair turns by positions · base^(-2i/H). Computed in
-    float32 and returned in x's dtype.
+    Hugging Face Llama layout); the pair turns by positions · base^(-2i/H) (as
+    `rope_frequencies` scales it). Computed in float32 and returned in x's dtype.
     """
     h = x.shape[-1]
     if h % 2:
         raise ValueError(f"rotary embeddings need an even head dimension, got {h}")
-    inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+    inv_freq = rope_frequencies(h, base, scaling)  # [H/2]
     angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # [T, H/2]
     sin, cos = jnp.sin(angle)[:, None], jnp.cos(angle)[:, None]  # [T, 1, H/2]
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -463,6 +493,7 @@ class Attention(nn.Module):
     zero_query: bool = False  # muP starts with a zero query projection
     num_kv_heads: int | None = None  # K; None = N (multi-head), 1 = multi-query, else grouped-query
     rope_base: float = 0.0  # > 0: rotary position embedding of queries and keys with this base
+    rope_scaling: tuple = ()  # rope_frequencies' scaling, e.g. ('linear', 4.0); () = none
 
     @nn.compact
     def __call__(
@@ -537,8 +568,8 @@ class Attention(nn.Module):
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k, v = (constrain(a, ("act_batch", "act_seq", "act_" + axis, "act_kv")) for a in (k, v))
         if self.rope_base:
-            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base)
-            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base)
+            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base, self.rope_scaling)
+            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base, self.rope_scaling)
         if impl == "fused_cpu":
             return cpu_attention.attention(q, k, v, self.causal, scale)
         if impl == "einsum":
