@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import re
+import traceback
 from typing import Any
 
 from bigmodel.config import ConfigError
@@ -147,8 +148,8 @@ def devices(target: Target) -> list[Any]:
             target.name, "cuda", target_config=(SPECS / target.chip.spec).read_text(), topology=target.topology)
     else:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        topology = topologies.get_topology_desc(target.name, "tpu", topology_name=target.topology,
-                                                num_slices=target.slices)
+        slices = {"num_slices": target.slices} if target.slices > 1 else {}
+        topology = topologies.get_topology_desc(target.topology, "tpu", **slices)
     return list(topology.devices)
 
 
@@ -183,7 +184,7 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     entry, current = None, None
     for line in hlo.splitlines():
         match = _COMPUTATION.match(line)
-        if match and "=" not in line.split("{")[0]:
+        if match and not line[:1].isspace():  # headers start in column 0, instructions are indented
             current = match.group(1)
             bodies[current] = []
             entry = current if line.startswith("ENTRY") else entry
@@ -304,10 +305,10 @@ def _is_oom(error: Exception) -> bool:
 def compile_error(error: Exception, target: Target) -> ConfigError:
     """A compile failure as a one-line error naming the config key to change."""
     text = " ".join(str(error).split())[:400]
-    if "cudnn" in text.lower() or "dot_product_attention" in text:
-        key = "config.model.attention_impl='' (cuDNN where it takes the shapes, else XLA) or 'xla'"
-    elif "splash" in text.lower() or "pallas" in text.lower() or "block" in text.lower():
-        key = "config.model.attention_impl='xla' (or shapes the kernel's blocks divide: config.data.seq_len)"
+    frames = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+    if "_attend" in frames or "cudnn" in text.lower() or "pallas" in text.lower():
+        key = ("config.model.attention_impl: '' picks the backend's fused kernel where it takes the shapes (else "
+               "XLA's attention), 'xla' never fuses")
     else:
         key = "the config (rerun with --debug for the traceback)"
     return ConfigError(f"the train step does not compile for {target.name}: {text}; change {key}")
@@ -318,20 +319,19 @@ def plan_target(config, sizes, target: Target) -> tuple[Any, dict[str, Any]]:
     from bigmodel import plan as plan_lib, sharding, train
     from bigmodel.models import layers
 
-    plan = plan_lib.analytic(config, sizes, target.chip.memory_key)
-    plan.exact = True
     mesh = sharding.make_mesh(dict(sizes), slices=config.mesh.slices, dcn_axis=config.mesh.dcn_axis,
                               devices=devices(target))
     extra: dict[str, Any] = {"target": target.name, "platform": target.platform, "topology": target.topology,
                              "slices": target.slices, "devices": target.devices}
     try:
         with layers.compiling_for(target.backend):
+            plan = plan_lib.analytic(config, sizes, target.chip.memory_key)
+            plan.exact = True
             run = train.prepare(config, mesh)
-    except Exception as e:  # noqa: BLE001 - the compiler's errors are plain runtime errors
+    except Exception as e:
         if not _is_oom(e):
             raise compile_error(e, target) from e
-        plan.compiled = None
-        plan.exact = False
+        plan.compiled = None  # with plan.exact: the target's compiler found no room, so the plan does not fit
         extra.update(out_of_memory=" ".join(str(e).split())[:600], largest_arrays=largest_arrays(config, sizes),
                      fits=False, suggestion=SUGGESTION)
         plan.note = f"the {target.platform} compiler ran out of device memory: does not fit"

@@ -78,7 +78,9 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        """Whether the judged bytes stay inside the budget."""
+        """Whether the judged bytes stay inside the budget (and the target's compiler found room, where it ran)."""
+        if self.exact and self.compiled is None:
+            return False
         return self.judged <= self.budget
 
 
@@ -367,9 +369,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Validate, estimate, compile and judge one plan."""
     import jax
 
-    from bigmodel.launch import local
-
     from bigmodel import aot
+    from bigmodel.launch import local
 
     target = aot.parse(args.target)
     if target is not None:

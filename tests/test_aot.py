@@ -79,7 +79,8 @@ HLO = """HloModule step
 }
 
 ENTRY %main (a: f32[4,8]) -> f32[4,8] {
-  %w = (s32[], f32[4,8]) while((s32[], f32[4,8]) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"24"}}
+  %w = (s32[], f32[4,8]) while((s32[], f32[4,8]) %init), condition=%cond, body=%body, """ + \
+    """backend_config={"known_trip_count":{"n":"24"}}
   %a2a = (f32[8,64]{1,0}, f32[8,64]{1,0}) all-to-all(f32[8,64]{1,0} %p, f32[8,64]{1,0} %q), dimensions={0}
   ROOT %rs = f32[2,8]{1,0} reduce-scatter(f32[16,8]{1,0} %z), dimensions={0}, to_apply=%add
 }

@@ -43,8 +43,9 @@ def unsupported(q: jax.Array, k: jax.Array, mask: jax.Array | None, causal: bool
     if q.shape[2] % k.shape[2]:
         return f"{q.shape[2]} query heads over {k.shape[2]} key/value heads"
     mesh = jax.sharding.get_abstract_mesh()
-    for names in (("act_batch", "act_seq", "act_heads", "act_kv"), ("act_batch", "act_seq", f"act_{kv_axis}", "act_kv")):
-        spec = tuple(_spec(names)) + (None,) * 4
+    for heads in ("act_heads", f"act_{kv_axis}"):
+        names = ("act_batch", "act_seq", heads, "act_kv")
+        spec = (*_spec(names), None, None)
         if spec[1] is not None and not mesh.empty and _axes_size(mesh, spec[1]) > 1:
             return f"the sequence is sharded over mesh axis {spec[1]!r} (set config.mesh.sequence=1)"
     return None
