@@ -2,7 +2,7 @@
 
     bigmodel plan --config experiments/gpt_tiny.py[:ARG] [--config.KEY=VALUE ...]
                   [--mesh fsdp=4,sequence=2 | DATA,FSDP,EXPERT,SEQUENCE,TENSOR | DATA,FSDP,TENSOR]
-                  [--devices N] [--target h100-80gb] [--no-compile]
+                  [--devices N] [--target h100-80gb | h100x8 | tpu-v5p-32 ...] [--no-compile] [--json]
 
 1. The config and mesh are validated like `bigmodel train` does (same ConfigError messages).
 2. Analytic, per device, from `jax.eval_shape` of the real train state: parameters and Adam
@@ -15,6 +15,12 @@
    models: use --no-compile there). XLA's CPU numbers are a cross-check, not the target's.
 4. A verdict for the target device: the analytic total (or XLA's peak for a model family
    without an activation estimate) against the device's memory, less a reserve.
+
+With a compile target (--target h100x8, h200x8, a100-80gbx8, tpu-v5p-32, tpu-v5p-32x2, ...:
+bigmodel/aot.py) step 3 uses the target's own compiler instead (the CUDA plugin or libtpu,
+no accelerator needed), the verdict is its peak, and the report adds the compile time, the
+fused attention kernel in the HLO, the collectives per step, FLOPs and a roofline bound.
+`--json` prints any plan as one JSON object.
 """
 
 from __future__ import annotations
