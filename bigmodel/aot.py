@@ -292,7 +292,7 @@ def largest_arrays(config, sizes, count: int = 5) -> list[tuple[str, int]]:
         flat = jax.tree_util.tree_flatten_with_path(getattr(shapes, part))[0]
         spec_leaves = jax.tree.leaves(getattr(specs, part), is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
         for (path, leaf), spec in zip(flat, spec_leaves):
-            rows.append((part + jax.tree_util.keystr(path, simple=True, separator="/"),
+            rows.append((f"{part}/" + jax.tree_util.keystr(path, simple=True, separator="/"),
                          plan_lib.sharded_bytes(leaf, spec, sizes)))
     return sorted(rows, key=lambda r: -r[1])[:count]
 
