@@ -2,7 +2,8 @@
 # `bigmodel plan --target` for the shipped GPU configs on 8 H100s and Llama-2-7B / MoE configs on TPU
 # slices, compiled on this host with the targets' own compilers (no accelerator needed):
 #   bash benchmarks/plan_targets.sh [OUT.jsonl]   (default benchmarks/plan-targets-YYYY-MM-DD.jsonl)
-# Needs the gpu-compile and tpu extras (pip install -e '.[gpu-compile,tpu]'). One JSON line per plan.
+# Needs the gpu-compile and tpu extras (pip install -e '.[gpu-compile,tpu]'). One JSON line per plan, then a
+# Markdown table of them all on stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/plan-targets-$(date +%F).jsonl}"
@@ -32,4 +33,27 @@ run "gpt_tiny:moe tpu-v5e-16 expert=4,data=4" --config experiments/gpt_tiny.py:m
   --mesh data=4,expert=4
 run "llama2_7b tpu-v5p-32x2 data=2,fsdp=16" "${llama[@]}" --target tpu-v5p-32x2 --mesh data=2,fsdp=16 \
   --config.train.batch_size=32
-echo "records appended to $out" >&2
+echo "records appended to $out; the table:" >&2
+python - "$out" <<'PY'
+import json, sys
+
+print("| plan | fits | peak / device | compile | attention | all-gather | reduce-scatter | all-reduce | all-to-all "
+      "| FLOPs / step | roofline step, MFU bound |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "error" in r:
+        print(f"| {r['name']} | did not compile: {r['error']} |")
+        continue
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    peak = gib(r["compiled"]["peak"]) if r.get("compiled") else "out of memory"
+    c = r.get("collectives")
+    cell = lambda k: f"{c[k]['count']} ({gib(c[k]['bytes'])})" if c else ""
+    roof = r.get("roofline")
+    bound = f"{roof['step_s_lower_bound'] * 1e3:.0f} ms, {roof['mfu_at_bound']:.0%}" if roof else ""
+    flops = f"{r['flops_per_step']:.2e}" if "flops_per_step" in r else ""
+    compile_s = f"{r['compile_s']:.0f} s" if "compile_s" in r else ""
+    print(f"| {r['name']} | {'yes' if r['fits'] else 'no'} | {peak} | {compile_s} | {r.get('attention', '')} "
+          f"| {cell('all-gather')} | {cell('reduce-scatter')} | {cell('all-reduce')} | {cell('all-to-all')} "
+          f"| {flops} | {bound} |")
+PY
