@@ -14,9 +14,11 @@ rule, so a model cannot silently replicate a tensor by a typo.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,9 +26,30 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.kernels.cpu import attention as cpu_attention, gelu as cpu_gelu, norm as cpu_norm
+from bigmodel.kernels.tpu import attention as tpu_attention
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# The backend a model is traced for when that is not the process's own (an ahead-of-time compile).
+_COMPILE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("compile_backend", default=None)
+
+
+def backend() -> str:
+    """The backend the model is being traced for: 'cpu', 'gpu' or 'tpu' (see `compiling_for`)."""
+    return _COMPILE_BACKEND.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(name: str) -> Iterator[None]:
+    """Trace models for backend `name` ('gpu', 'tpu') instead of this process's (ahead-of-time compiles):
+    the kernels and attention implementations are those that backend gets by default."""
+    token = _COMPILE_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _COMPILE_BACKEND.reset(token)
 
 
 def dtype_of(name: str) -> Any:
@@ -67,7 +90,7 @@ def fused_cpu_default(dtype: Any) -> bool:
     devices each would gather its whole input on every device; there, and on GPU and TPU
     (where XLA fuses these operations itself), the plain JAX implementations are the default.
     """
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+    return backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
 
 
 NORM_IMPLS = ("flax", "fused_cpu")
@@ -372,7 +395,7 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
-ATTENTION_IMPLS = ("einsum", "fused_cpu", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "fused_cpu", "xla", "cudnn", "splash")
 # What cuDNN's fused attention refuses at trace time (shapes, head size, dtype, version, no GPU).
 CUDNN_REFUSALS = (RuntimeError, ValueError, NotImplementedError, TypeError)
 
@@ -383,17 +406,20 @@ def default_attention_impl(dtype: Any) -> str:
     On CPU 'fused_cpu' (`cpu_attention`, float32, one device; `Attention` falls back to
     'einsum' for a mask or where the kernel cannot be built) and 'einsum' (`einsum_attention`)
     otherwise; on GPU 'cudnn' for bfloat16/float16 compute (the fused flash-attention kernel;
-    `Attention` falls back to 'xla' where cuDNN refuses the shapes); 'xla' otherwise
-    (jax.nn.dot_product_attention's own default is XLA everywhere).
+    `Attention` falls back to 'xla' where cuDNN refuses the shapes); on TPU 'splash' (the
+    Pallas splash-attention kernel, `tpu_attention`; 'xla' for an explicit mask or a sharded
+    sequence); 'xla' otherwise (jax.nn.dot_product_attention's own default is XLA everywhere).
 
     The fused CPU kernel is an XLA custom call that the SPMD partitioner does not split, so
     over several devices it would gather the whole batch on each: there 'einsum' is the default.
     """
-    backend = jax.default_backend()
-    if backend == "cpu":
+    platform = backend()
+    if platform == "cpu":
         return "fused_cpu" if fused_cpu_default(dtype) else "einsum"
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if platform == "tpu":
+        return "splash"
     return "xla"
 
 
@@ -476,7 +502,7 @@ class Attention(nn.Module):
     `implementation` None picks `default_attention_impl`: the fused CPU kernel
     (`cpu_attention`) or 'einsum' (`einsum_attention`, heads-major) on CPU, cuDNN's fused kernel
     of `jax.nn.dot_product_attention` for half precision on GPU where cuDNN takes the shapes,
-    that function's XLA path otherwise; 'einsum', 'fused_cpu', 'xla' or 'cudnn' force one (a
+    that function's XLA path otherwise; 'einsum', 'fused_cpu', 'xla', 'cudnn' or 'splash' force one (a
     forced 'fused_cpu' or 'cudnn' raises where it cannot run).
     """
 
@@ -576,6 +602,14 @@ class Attention(nn.Module):
             heads_major = lambda a: a.transpose(0, 2, 1, 3)
             return heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
                                                 scale))
+        if impl == "splash":
+            why = tpu_attention.unsupported(q, k, mask, self.causal, axis)
+            if why is None:
+                return tpu_attention.attention(q, k, v, self.causal, scale, axis, interpret=backend() != "tpu")
+            if self.implementation:
+                raise ValueError(f"attention implementation 'splash' cannot run here: {why}; set "
+                                 "config.model.attention_impl='' (or 'xla')")
+            impl = "xla"
         attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=self.causal,
                                    scale=scale)
         try:
