@@ -442,6 +442,7 @@ def prepare(opts: Options, progress: bool = True) -> dict[str, Any]:
             return manifest
         raise StoreError(f"{out} already holds a store prepared with other options; pass another --out or "
                          "delete it first")
+    units = plan_units(opts.format, opts.source, opts.data_dir, opts.split)  # a bad source fails before any write
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     plan_file = work / "options.json"
@@ -450,7 +451,6 @@ def prepare(opts: Options, progress: bool = True) -> dict[str, Any]:
                          "command to finish it, or pass another --out")
     _write_atomic(plan_file, json.dumps(_comparable(opts), indent=2).encode())
 
-    units = plan_units(opts.format, opts.source, opts.data_dir, opts.split)
     tok = tokenizer_from_spec(opts.tokenizer, _corpus_sample(opts, units), work)
     tokenizers.save(tok, work)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
