@@ -27,7 +27,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     summary = {k: manifest[k] for k in ("documents", "tokens", "bytes")}
     summary.update({f"{s}_tokens": manifest["splits"][s]["tokens"] for s in store.SPLITS})
     summary.update(tokenizer=store.describe_tokenizer(manifest["tokenizer"]), out=args.out)
-    for key in ("prepare_s", "text_mb_per_s", "processes"):
+    for key in ("prepare_s", "text_mb_per_s", "text_mb_per_cpu_s", "processes"):
         if key in manifest:
             summary[key] = manifest[key]
     print(json.dumps(summary), flush=True)

@@ -251,6 +251,8 @@ def _tfds_records(name: str, data_dir: str, split: str, start: int, stop: int,
                   text_key: str) -> Iterator[str]:
     import tensorflow_datasets as tfds
 
+    from bigmodel.data import text_files  # noqa: F401 - registers our builder, so 'text_files/…' opens too
+
     ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     for i in range(start, stop):
         text = ds[i][text_key]
@@ -343,6 +345,7 @@ def _write_atomic(path: epath.Path, data: bytes) -> None:
 
 def _prepare_unit(args: tuple[int, Unit, str, epath.Path]) -> dict[str, Any]:
     index, unit, dtype, work = args
+    cpu_start = time.process_time()
     tok, opts = _WORKER["tok"], _WORKER["opts"]
     paths = _unit_paths(work, index)
     eod = np.asarray([tok.eod_id], np.uint32)
@@ -370,7 +373,7 @@ def _prepare_unit(args: tuple[int, Unit, str, epath.Path]) -> dict[str, Any]:
     for s in SPLITS:
         tokens = np.concatenate(out[s]).astype(dtype) if out[s] else np.zeros(0, dtype)
         _write_atomic(paths[s], tokens.tobytes())
-    result = {"unit": dataclasses.asdict(unit), "splits": stats,
+    result = {"unit": dataclasses.asdict(unit), "splits": stats, "cpu_s": time.process_time() - cpu_start,
               "validation_byte_counts": byte_counts.tolist()}
     _write_atomic(paths["stats"], json.dumps(result).encode())  # last: marks the unit done
     return result
@@ -466,12 +469,13 @@ def prepare(opts: Options, progress: bool = True) -> dict[str, Any]:
 
     start = time.time()
     bar = tqdm.tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    source_bytes = tokens = 0
+    source_bytes = tokens = cpu_s = 0
     with _pool(processes, str(work), opts) as pool:
         for r in pool.imap_unordered(_prepare_unit, todo, chunksize=1):
             results[(r["unit"]["path"], r["unit"]["part"])] = r
             source_bytes += sum(s["bytes"] for s in r["splits"].values())
             tokens += sum(s["tokens"] for s in r["splits"].values())
+            cpu_s += r["cpu_s"]
             seconds = max(time.time() - start, 1e-9)
             bar.set_postfix_str(f"{source_bytes / seconds / 1e6:.1f} MB/s, {tokens / seconds / 1e6:.2f} M tokens/s")
             bar.update(1)
@@ -496,6 +500,7 @@ def prepare(opts: Options, progress: bool = True) -> dict[str, Any]:
     manifest.update(prepare_s=elapsed, processes=processes)
     if todo:
         manifest["text_mb_per_s"] = source_bytes / 1e6 / max(elapsed, 1e-9)
+        manifest["text_mb_per_cpu_s"] = source_bytes / 1e6 / max(cpu_s, 1e-9)  # per core, however loaded
     return manifest
 
 
@@ -648,6 +653,8 @@ class Tokens:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int32."""
+        if length <= 0:
+            return np.zeros(0, np.int32)
         out, i = [], int(np.searchsorted(self.ends, start, side="right"))
         while length > 0:
             base = int(self.ends[i - 1]) if i else 0

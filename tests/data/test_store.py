@@ -76,7 +76,8 @@ def all_tokens(path, split):
 
 def expected_bytes(docs, fraction, split):
     held = [d for d in docs if (store.split_bucket(d) < fraction * 10_000) == (split == "validation")]
-    return np.concatenate([np.append(np.frombuffer(d.encode(), np.uint8).astype(np.int32), 256) for d in held])
+    return np.concatenate([np.append(np.frombuffer(d.encode(), np.uint8).astype(np.int32), 256) for d in held] or
+                          [np.zeros(0, np.int32)])
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,22 @@ def test_every_format_gives_the_same_store(tmp_path, docs):
         assert not (out / store.WORK_DIR).exists()
     shards = json.loads((tmp_path / "text" / store.MANIFEST).read_text())["splits"]["train"]["shards"]
     assert [s["tokens"] for s in shards[:-1]] == [50_000] * (len(shards) - 1) and 0 < shards[-1]["tokens"] <= 50_000
+
+
+def test_a_tfds_dataset(tmp_path, docs):
+    from bigmodel.data import text_files
+
+    (tmp_path / "src").mkdir()
+    for i, d in enumerate(docs[:12]):
+        (tmp_path / "src" / f"{i:02d}.txt").write_text(d, encoding="utf-8")
+    builder = text_files.prepare(str(tmp_path / "src"), str(tmp_path / "tfds"), 0.25)
+    name = f"text_files/{builder.builder_config.name}"
+    m = prepare(name, "tfds", tmp_path / "out", data_dir=str(tmp_path / "tfds"), split="train")
+    source = builder.as_data_source(split="train")
+    texts = [source[i]["text"].decode() for i in range(len(source))]
+    assert m["documents"] == len(texts) > 0 and m["sources"] == []
+    for split in store.SPLITS:
+        np.testing.assert_array_equal(all_tokens(tmp_path / "out", split), expected_bytes(texts, 0.2, split))
 
 
 def test_manifest_records_sources_tokenizer_and_split_rule(byte_store, docs):
