@@ -199,14 +199,16 @@ def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any
     data = data_lib.build(config, shard=(0, 1))
     it = iter(data.train)
     next(it)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    seconds = time.perf_counter() - start
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     units = batches * config.train.batch_size * data.units_per_example
     kind = "tokens" if data.units_per_example > 1 else "examples"
-    return {"name": f"data/{config.data.name}", f"{kind}_per_s": units / seconds, "batches": batches,
-            "seconds": seconds}
+    source = ",".join(config.data.sources) if "sources" in config.data and config.data.sources else config.data.name
+    return {"name": f"data/{source}", f"{kind}_per_s": units / seconds, "batches": batches,
+            "batch_size": config.train.batch_size, "seconds": seconds,
+            f"{kind}_per_cpu_s": units / max(cpu_s, 1e-9)}  # this process's CPU time: what other jobs don't change
 
 
 def _torch_matmul_peak(n: int = 1024, repeats: int = 10) -> float:

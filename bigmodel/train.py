@@ -617,7 +617,15 @@ def evaluate_now(run: Prepared, state: TrainState, step: int) -> dict[str, float
     if jax.process_index() == 0:
         n = run.config.eval.num_batches
         tqdm.tqdm.write(f"step {step}: evaluating on {f'{n} batches' if n > 0 else 'the whole split'}", file=sys.stdout)
-    return evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+    return evaluate_all(run, state)
+
+
+def evaluate_all(run: Prepared, state: TrainState) -> dict[str, float]:
+    """`evaluate` on the run's held-out split, then on each of config.eval.sets as '<set>/<metric>'."""
+    result = evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+    for name, batches in run.data.eval_sets.items():
+        result.update({f"{name}/{k}": v for k, v in evaluate(run.eval_step, state, batches(), run.mesh).items()})
+    return result
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
@@ -713,7 +721,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                 # Throughput windows exclude evaluation and the (synchronous part of) saving.
                 window_start, window_steps = time.time(), 0
         if not last_eval:  # nothing left to train: evaluate what the checkpoint holds
-            last_eval = evaluate(run.eval_step, state, run.data.eval_batches(), mesh)
+            last_eval = evaluate_all(run, state)
 
     # The summary.
     summary = {
