@@ -40,7 +40,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 class Jsonl:
     """metrics.jsonl: one JSON row per logged step; non-finite values become null (NaN is not JSON)."""
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int) -> None:
+    def __init__(self, workdir: pathlib.Path, resume_step: int, **_: Any) -> None:
         self.path = workdir / "metrics.jsonl"
         # On resume from step S, rows after S (written before a crash, to be recomputed) are dropped
         # first, so the file never holds two rows for one step.
@@ -67,7 +67,7 @@ def tag(key: str) -> str:
 class TensorBoard:
     """Event files in the workdir (`tensorboard --logdir WORKDIR`)."""
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int) -> None:
+    def __init__(self, workdir: pathlib.Path, resume_step: int, **_: Any) -> None:
         from tensorboardX import SummaryWriter
 
         # purge_step makes TensorBoard drop points after the resume step from older event files.

@@ -126,6 +126,22 @@ class Scorer:
         return self.score(variables, self.rolling_rows(documents), len(documents), desc)
 
 
+def encode_pair(tokenizer: tokenizers.Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a context and its continuation, split where the context's own encoding ends.
+
+    The pair is encoded as one text (as the model saw text in training); spaces ending the
+    context move to the continuation first, where a word-level vocabulary keeps them.
+    """
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    head = tokenizer.encode(context).tolist() if context else []
+    whole = tokenizer.encode(context + continuation).tolist()
+    if whole[:len(head)] != head or len(whole) == len(head):  # the encodings disagree at the seam
+        return head, tokenizer.encode(continuation).tolist()
+    return head, whole[len(head):]
+
+
 @dataclasses.dataclass
 class Model:
     """A trained run ready to score: its config, step, variables on the mesh, tokenizer and scorer."""

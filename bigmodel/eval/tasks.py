@@ -5,7 +5,8 @@
                 file one document scored whole
   mc:PATH       multiple choice from a local jsonl file in the HellaSwag, PIQA or ARC layout (or
                 {"context", "choices", "label"}): each ending scored by its log-likelihood after
-                the context; acc picks the highest, acc_norm the highest per byte of the ending
+                the context; acc picks the highest, acc_norm the highest per character of the ending
+                (lm-evaluation-harness's definitions, so the figures compare with published ones)
 """
 
 from __future__ import annotations
@@ -84,23 +85,18 @@ def read_choices(path: str) -> list[Choice]:
     return out
 
 
-def multiple_choice(model: Any, scorer: scoring.Scorer, variables: Any, questions: Sequence[Choice],
+def multiple_choice(tokenizer: Any, scorer: scoring.Scorer, variables: Any, questions: Sequence[Choice],
                     desc: str = "") -> dict[str, float]:
-    """acc and acc_norm (per byte of the ending) of log-likelihood choice; ties go to the first choice."""
-    encode = lambda text: model.encode(text).tolist()
-    requests, owner = [], []
-    for q, item in enumerate(questions):
-        context = encode(item.context)
-        for choice in item.choices:
-            requests.append((context, encode(" " + choice)))
-            owner.append(q)
+    """acc and acc_norm (per character of the ending) of log-likelihood choice; ties go to the first choice."""
+    requests = [scoring.encode_pair(tokenizer, item.context, " " + choice) for item in questions
+                for choice in item.choices]
     scores = scorer.loglikelihood(variables, requests, desc)
     correct = correct_norm = 0
     start = 0
     for item in questions:
         n = len(item.choices)
         logp = np.asarray([s.logprob for s in scores[start:start + n]])
-        size = np.asarray([len((" " + c).encode("utf-8")) for c in item.choices])
+        size = np.asarray([max(len(c), 1) for c in item.choices])
         correct += int(np.argmax(logp)) == item.label
         correct_norm += int(np.argmax(logp / size)) == item.label
         start += n
