@@ -15,7 +15,8 @@ from bigmodel.config import ConfigError
 
 # Modules that add their own subcommands through `register(subparsers)`.
 COMMAND_MODULES = ("bigmodel.scaling.cli", "bigmodel.launch", "bigmodel.plan", "bigmodel.scaling.sweep", "bigmodel.hf",
-                   "bigmodel.seq2seq_eval", "bigmodel.bench", "bigmodel.prepare")
+                   "bigmodel.seq2seq_eval", "bigmodel.bench", "bigmodel.prepare",
+                   "bigmodel.eval.cli")
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "BIGMODEL_DEBUG"
 # Errors a user causes with a wrong path, printed as one line like config errors.
