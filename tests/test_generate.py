@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigmodel import generate, models
+from bigmodel import cli, exit_codes, generate, models
 from bigmodel.models import gpt
 
 VOCAB = 300  # ids the tokenizer could emit; the model's table has 384
@@ -144,3 +144,9 @@ def test_left_pad_marks_padding_at_position_minus_one():
     tokens, positions = generate.left_pad([[7, 8, 9], [5], [1, 2, 3, 4, 6]], 4)
     assert tokens.tolist() == [[0, 7, 8, 9], [0, 0, 0, 5], [2, 3, 4, 6]]
     assert positions.tolist() == [[-1, 0, 1, 2], [-1, -1, -1, 0], [0, 1, 2, 3]]
+
+
+def test_cli_refuses_top_p_outside_0_1(capsys):
+    assert cli.main(["generate", "--workdir", "nowhere", "--top_p", "1.5"]) == exit_codes.USAGE
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--top_p 1.5 must be in (0, 1]" in err
