@@ -145,3 +145,20 @@ def test_bad_override_exits_with_a_message(tmp_path, capsys):
 def test_vocabulary_too_small_for_the_tokenizer(tmp_path, tiny_overrides, capsys):
     assert train_cli(tmp_path, tiny_overrides + ["model.vocab_size=128"]) == 2
     assert "tokenizer has 257 ids but config.model.vocab_size=128" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_cli_batches_stops_and_matches_the_recompute_path(tiny_run, capsys):
+    argv = ["generate", "--workdir", str(tiny_run), "--prompt", "def ", "--prompt", "import os\n", "--max_tokens",
+            "24", "--temperature", "0"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["def ", "import os\n"]
+    assert all(r["text"].startswith(r["prompt"]) for r in rows)
+    assert cli.main([*argv, "--no_cache"]) == 0  # the recompute path, prompt by prompt
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    continuation = rows[0]["text"][len("def "):]
+    assert len(continuation) >= 6
+    stop = continuation[4:6]
+    text = generate.generate_from_workdir(str(tiny_run), "def ", max_tokens=24, temperature=0.0, stop=[stop])
+    assert text == "def " + continuation[:continuation.find(stop)]

@@ -166,10 +166,11 @@ class Block(nn.Module):
     cfg: GPTConfig
     train: bool = False
     moe: bool = False  # a routed mixture of experts in place of the MLP
+    decode: bool = False  # attend against the key/value cache (GPT.__call__)
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
-        """[B, T, D] -> [B, T, D] (the scan-compatible carry signature)."""
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """[B, T, D], positions [B, T] or None -> [B, T, D] (the scan-compatible carry signature)."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         head_dim = cfg.d_model // cfg.num_heads
         # muP: hidden initialisations shrink as 1/sqrt(width multiplier), attention logits
@@ -193,7 +194,7 @@ class Block(nn.Module):
             rope_scaling=cfg.rope_scaling_spec,
             use_bias=cfg.use_bias,
             name="attn",
-        )(h, train=self.train)
+        )(h, train=self.train, positions=positions, decode=self.decode)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
         h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_2", cfg.use_bias, cfg.norm_impl or None)(x)
         if self.moe:
@@ -216,8 +217,14 @@ class GPT(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-        """tokens [B, T] int32 -> logits [B, T, V] float32."""
+    def __call__(self, tokens: jax.Array, train: bool = False, positions: jax.Array | None = None,
+                 decode: bool = False) -> jax.Array:
+        """tokens [B, T] int32 -> logits [B, T, V] float32.
+
+        positions [B, T]: each token's position (default 0 … T-1; -1 marks left padding).
+        decode: append the tokens to the key/value cache (the mutable 'cache' collection, made
+        by `bigmodel.generate.init_cache`) and attend to everything in it.
+        """
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         length = tokens.shape[1]
         if length > cfg.max_len:
@@ -228,26 +235,30 @@ class GPT(nn.Module):
             pos = self.param(
                 "wpe", layers.partitioned(layers.dense_init(0.5), ("pos", "embed")), (cfg.max_len, cfg.d_model)
             )
-            x = layers.add_leading(x, pos[:length].astype(dtype))
+            if positions is None:
+                x = layers.add_leading(x, pos[:length].astype(dtype))
+            else:
+                x = x + jnp.take(pos, jnp.maximum(positions, 0), axis=0).astype(dtype)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
 
         block = Block
-        if cfg.remat != "none":
+        if cfg.remat != "none" and not decode:
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
         is_moe = [cfg.num_experts > 0 and (i + 1) % cfg.moe_every == 0 for i in range(cfg.num_layers)]
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0, moe.AUX: 0},
+                variable_axes={"params": 0, moe.AUX: 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,  # every layer sees the same positions
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, train, is_moe[0], name="blocks")(x, None)
+            x, _ = stack(cfg, train, is_moe[0], decode, name="blocks")(x, positions)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, train, is_moe[i], name=f"block_{i}")(x, None)
+                x, _ = block(cfg, train, is_moe[i], decode, name=f"block_{i}")(x, positions)
 
         x = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_f", cfg.use_bias, cfg.norm_impl or None)(x)
         if cfg.tie_embeddings:

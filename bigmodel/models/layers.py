@@ -316,7 +316,7 @@ def rope_frequencies(h: int, base: float, scaling: tuple = ()) -> jax.Array:
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float, scaling: tuple = ()) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] at positions [T].
+    """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] at positions [T] (or [B, T]).
 
     Channel i of the first half pairs with channel i of the second half (the GPT-NeoX /
     Hugging Face Llama layout); the pair turns by positions · base^(-2i/H) (as
@@ -326,8 +326,8 @@ def rotary(x: jax.Array, positions: jax.Array, base: float, scaling: tuple = ())
     if h % 2:
         raise ValueError(f"rotary embeddings need an even head dimension, got {h}")
     inv_freq = rope_frequencies(h, base, scaling)  # [H/2]
-    angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # [T, H/2]
-    sin, cos = jnp.sin(angle)[:, None], jnp.cos(angle)[:, None]  # [T, 1, H/2]
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, H/2]
+    sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [(B,) T, 1, H/2]
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return out.astype(x.dtype)
@@ -528,8 +528,14 @@ class Attention(nn.Module):
         context: jax.Array | None = None,
         mask: jax.Array | None = None,
         train: bool = False,
+        positions: jax.Array | None = None,
+        decode: bool = False,
     ) -> jax.Array:
-        """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S]."""
+        """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S].
+
+        positions [B, T] int: of each token (default 0 … T-1; -1 marks padding in `decode`).
+        decode: causal self-attention against a key/value cache (`decode_step`).
+        """
         d_model = x.shape[-1]
         self_attention = context is None
         context = x if context is None else context
@@ -569,14 +575,14 @@ class Attention(nn.Module):
             # sharding of the kernels carries over to the stacked one).
             stacked_bias = None if bq is None else jnp.stack([bq, bk, bv], axis=1)
             qkv = project(x, jnp.stack([wq, wk, wv], axis=2), stacked_bias)  # [B, T, N, 3, H]
-            if impl == "fused_cpu" and not self.rope_base:  # the kernel reads the stacked tensor
+            if impl == "fused_cpu" and not self.rope_base and not decode:  # the kernel reads the stacked tensor
                 qkv = constrain(qkv, ("act_batch", "act_seq", "act_heads", None, "act_kv"))
                 y = cpu_attention.packed_attention(qkv, self.causal, scale)
             else:
-                y = self._attend(impl, *(qkv[..., i, :] for i in range(3)), mask, axis, scale)
+                y = self._attend(impl, *(qkv[..., i, :] for i in range(3)), mask, axis, scale, positions, decode)
         else:
             y = self._attend(impl, project(x, wq, bq), project(context, wk, bk), project(context, wv, bv), mask,
-                             axis, scale)
+                             axis, scale, positions, decode)
         y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))  # [B, T, N, H]
         out = self.param(
             "out_kernel", partitioned(dense_init(self.out_init_scale), ("heads", "kv", "embed")),
@@ -589,18 +595,24 @@ class Attention(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
     def _attend(self, impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, axis: str,
-                scale: float) -> jax.Array:
+                scale: float, positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
         """q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H] by implementation `impl`."""
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k, v = (constrain(a, ("act_batch", "act_seq", "act_" + axis, "act_kv")) for a in (k, v))
         if self.rope_base:
-            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base, self.rope_scaling)
-            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base, self.rope_scaling)
+            q = rotary(q, jnp.arange(q.shape[1]) if positions is None else positions, self.rope_base,
+                       self.rope_scaling)
+            k = rotary(k, jnp.arange(k.shape[1]) if positions is None else positions, self.rope_base,
+                       self.rope_scaling)
+        causal = self.causal
+        if decode:
+            k, v, mask = self._cached(k, v, positions)
+            impl, causal = "einsum", False  # the cache's mask already says what each query sees
         if impl == "fused_cpu":
-            return cpu_attention.attention(q, k, v, self.causal, scale)
+            return cpu_attention.attention(q, k, v, causal, scale)
         if impl == "einsum":
             heads_major = lambda a: a.transpose(0, 2, 1, 3)
-            return heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
+            return heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, causal,
                                                 scale))
         if impl == "splash":
             why = tpu_attention.unsupported(q, k, mask, self.causal, axis)
@@ -618,6 +630,34 @@ class Attention(nn.Module):
             if self.implementation:  # asked for by name: say why it cannot run
                 raise
             return attend(implementation="xla")
+
+
+    def _cached(self, k: jax.Array, v: jax.Array, positions: jax.Array | None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Append k and v [B, T, K, H] to the 'cache' collection at its write index; the whole
+        cache's keys and values [B, S, K, H] and the mask [B, 1, T, S] of the keys each query sees.
+
+        The cache's size S is the length of the input it was first made with (`decode_step`'s
+        `init_cache`). Each slot keeps its token's position + 1 (0: empty or padding), so a
+        query at position p sees the filled slots at positions up to p: prompts of different
+        lengths share one cache, left-padded, and causality needs no slot arithmetic.
+        """
+        b, t = k.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        positions = positions.astype(jnp.int32)
+        keys = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        values = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        slots = self.variable("cache", "position", jnp.zeros, positions.shape, jnp.int32)
+        index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+        i = index.value
+        keys.value = jax.lax.dynamic_update_slice(keys.value, k.astype(keys.value.dtype), (0, i, 0, 0))
+        values.value = jax.lax.dynamic_update_slice(values.value, v.astype(values.value.dtype), (0, i, 0, 0))
+        slots.value = jax.lax.dynamic_update_slice(slots.value, jnp.maximum(positions + 1, 0), (0, i))
+        index.value = i + t
+        seen = slots.value[:, None, :]  # [B, 1, S]
+        mask = (seen > 0) & (seen <= positions[:, :, None] + 1)  # [B, T, S]
+        return keys.value, values.value, mask[:, None]
 
 
 class Embed(nn.Module):
