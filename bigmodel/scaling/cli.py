@@ -162,10 +162,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from bigmodel.scaling import predict
 
+    fit = predict.load_fit(args.fit)  # first: a wrong path is the first thing to hear about
     point = args.params is not None or args.tokens is not None
     if point == (args.flops is not None) or (point and (args.params is None or args.tokens is None)):
         raise SystemExit("bigmodel scaling predict: error: give either --params N --tokens D, or --flops C")
-    fit = predict.load_fit(args.fit)
     result = (predict.predict_point(fit, args.params, args.tokens) if point
               else predict.predict_budget(fit, args.flops))
     print(json.dumps(output._jsonable(result), indent=2) if args.json else predict.format_prediction(result))
