@@ -162,7 +162,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from bigmodel.scaling import predict
 
-    fit = predict.load_fit(args.fit)  # a wrong path is named before anything else
+    fit = predict.load_fit(args.fit)  # first: a wrong path is the first thing to hear about
     point = args.params is not None or args.tokens is not None
     if point == (args.flops is not None) or (point and (args.params is None or args.tokens is None)):
         raise SystemExit("bigmodel scaling predict: error: give either --params N --tokens D, or --flops C")
