@@ -133,6 +133,16 @@ def test_llama_import_and_export_match_transformers(tmp_path, kv_heads, tie, rop
     assert max_diff(ours, torch_logits(back.eval(), IDS)) < 1e-4
 
 
+def test_llama_model_without_head_keeps_the_body(tmp_path):
+    ref = hf_llama(seed=8)
+    ref.model.save_pretrained(tmp_path / "hf")  # LlamaModel: no lm_head.weight
+    with pytest.warns(UserWarning, match="no lm_head"):
+        _, params = hf.from_pretrained(tmp_path / "hf")
+    np.testing.assert_array_equal(params["block_1"]["mlp"]["fc_gate"]["kernel"],
+                                  ref.model.layers[1].mlp.gate_proj.weight.detach().numpy().T)
+    assert params["lm_head"]["kernel"].shape == (64, VOCAB) and float(np.std(params["lm_head"]["kernel"])) > 0
+
+
 def test_llama_config_spellings_and_refusals():
     """transformers 4's rope_theta/rope_scaling spelling reads as 5's rope_parameters; what we cannot run is refused."""
     v5 = hf_llama(rope=LLAMA3_ROPE).config.to_dict()
