@@ -455,6 +455,11 @@ def prepare(opts: Options, progress: bool = True) -> dict[str, Any]:
     _write_atomic(plan_file, json.dumps(_comparable(opts), indent=2).encode())
 
     tok = tokenizer_from_spec(opts.tokenizer, _corpus_sample(opts, units), work)
+    prior = tokenizers.load(work) if (work / tokenizers.RUN_DIR).exists() else None
+    if prior is not None and tokenizer_identity(prior) != tokenizer_identity(tok):
+        raise StoreError(f"{out}'s unfinished units were tokenized with {describe_tokenizer(tokenizer_identity(prior))}"
+                         f", not {describe_tokenizer(tokenizer_identity(tok))} (the file changed); restore it, or "
+                         f"delete {work} to start over")
     tokenizers.save(tok, work)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     processes = opts.processes or os.cpu_count() or 1

@@ -317,3 +317,18 @@ def test_eval_sets_by_name(byte_store):
     assert list(data.eval_sets) == ["out"]
     a, b = list(data.eval_batches()), list(data.eval_sets["out"]())
     assert len(a) == len(b) > 0 and all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
+
+
+def test_a_resume_with_a_changed_tokenizer_file_is_refused(tmp_path, docs, monkeypatch):
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "a.jsonl", docs[:10])
+    path = tmp_path / "tok" / "tokenizer.json"
+    tokenizers.train_bpe(docs, 300, path)
+    with monkeypatch.context() as m:
+        m.setattr(store, "_assemble", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            prepare(tmp_path / "src", "jsonl", tmp_path / "out", tokenizer=f"hf:{path}")
+    tokenizers.train_bpe(docs, 400, path)  # the same name, another vocabulary
+    with pytest.raises(ConfigError, match=r"unfinished units were tokenized with hf tokenizer.json \(sha256 .*not hf "
+                                          r"tokenizer.json .*delete .*\.work to start over"):
+        prepare(tmp_path / "src", "jsonl", tmp_path / "out", tokenizer=f"hf:{path}")
