@@ -29,6 +29,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow  # compiles the model's prefill, decode loop and forward
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_logits_match_the_full_forward(family):
     spec = dict(FAMILIES[family])
@@ -47,6 +48,7 @@ def test_cached_logits_match_the_full_forward(family):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # compiles the model's prefill, decode loop and forward
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_decoding_equals_the_recompute_path(family):
     spec = dict(FAMILIES[family])
@@ -64,6 +66,7 @@ def test_greedy_decoding_equals_the_recompute_path(family):
     assert sampled != cached
 
 
+@pytest.mark.slow  # compiles the model's prefill, decode loop and forward
 @pytest.mark.parametrize("family", ["gpt", "llama_gqa"])
 def test_a_batch_of_prompts_decodes_as_each_alone(family):
     spec = dict(FAMILIES[family])
@@ -77,6 +80,7 @@ def test_a_batch_of_prompts_decodes_as_each_alone(family):
     assert len({tuple(row) for row in batch}) == 3
 
 
+@pytest.mark.slow  # compiles the model's prefill, decode loop and forward
 def test_stop_sequences_cut_before_their_first_occurrence():
     module, variables = make("nano")
     settings = dict(max_len=64, max_tokens=30, temperature=0.0, vocab_limit=VOCAB)
@@ -90,6 +94,7 @@ def test_stop_sequences_cut_before_their_first_occurrence():
     assert len(cut[0]) <= 6 and len(cut[1]) <= 4
 
 
+@pytest.mark.slow  # compiles the model's prefill, decode loop and forward
 def test_decoding_past_the_window_restarts_from_its_last_half():
     module, variables = make("nano")
     prompt = [256, 4, 5, 6]

@@ -534,7 +534,7 @@ class Attention(nn.Module):
         """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S].
 
         positions [B, T] int: of each token (default 0 … T-1; -1 marks padding in `decode`).
-        decode: causal self-attention against a key/value cache (`decode_step`).
+        decode: causal self-attention against a key/value cache (`_cached`; `bigmodel.generate`).
         """
         d_model = x.shape[-1]
         self_attention = context is None
@@ -637,8 +637,8 @@ class Attention(nn.Module):
         """Append k and v [B, T, K, H] to the 'cache' collection at its write index; the whole
         cache's keys and values [B, S, K, H] and the mask [B, 1, T, S] of the keys each query sees.
 
-        The cache's size S is the length of the input it was first made with (`decode_step`'s
-        `init_cache`). Each slot keeps its token's position + 1 (0: empty or padding), so a
+        The cache's size S is that of the input it was made for (`bigmodel.generate.init_cache`
+        makes it empty). Each slot keeps its token's position + 1 (0: empty or padding), so a
         query at position p sees the filled slots at positions up to p: prompts of different
         lengths share one cache, left-padded, and causality needs no slot arithmetic.
         """
