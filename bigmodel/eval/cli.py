@@ -38,6 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bigmodel import config as config_lib
     from bigmodel.eval import scoring, tasks
 
+    scoring.run_config(args.workdir)
     if not args.tasks and not args.harness:
         raise config_lib.ConfigError("name at least one task: --tasks validation text:PATH mc:PATH, or --harness "
                                      "NAME for lm-evaluation-harness tasks")
