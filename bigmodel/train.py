@@ -322,7 +322,9 @@ class Prepared:
             start = time.time()
             jitted = jax.jit(step, in_shardings=(self.shardings, batch_sh, repl),
                              out_shardings=(self.shardings, repl), donate_argnums=0)
-            self.lowered = jitted.lower(self.abstract_state(), self.batch, jax.eval_shape(jax.random.key, 0))
+            # The key's abstract value is taken from step_rng itself, so it follows the PRNG implementation in force
+            # now (eval_shape of a fixed function may be served from a cache traced under another one).
+            self.lowered = jitted.lower(self.abstract_state(), self.batch, jax.eval_shape(lambda: self.step_rng))
             self.train_step = self.lowered.compile()
             self.compile_s = time.time() - start
         self.eval_step = jax.jit(make_eval_step(self.module, self.task), in_shardings=(self.shardings, batch_sh),
@@ -615,7 +617,15 @@ def evaluate_now(run: Prepared, state: TrainState, step: int) -> dict[str, float
     if jax.process_index() == 0:
         n = run.config.eval.num_batches
         tqdm.tqdm.write(f"step {step}: evaluating on {f'{n} batches' if n > 0 else 'the whole split'}", file=sys.stdout)
-    return evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+    return evaluate_all(run, state)
+
+
+def evaluate_all(run: Prepared, state: TrainState) -> dict[str, float]:
+    """`evaluate` on the run's held-out split, then on each of config.eval.sets as '<set>/<metric>'."""
+    result = evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+    for name, batches in run.data.eval_sets.items():
+        result.update({f"{name}/{k}": v for k, v in evaluate(run.eval_step, state, batches(), run.mesh).items()})
+    return result
 
 
 def task_evaluators(run: Prepared) -> list:
@@ -771,7 +781,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                 # Throughput windows exclude evaluation and the (synchronous part of) saving.
                 window_start, window_steps = time.time(), 0
         if not last_eval:  # nothing left to train: evaluate what the checkpoint holds
-            last_eval = evaluate(run.eval_step, state, run.data.eval_batches(), mesh)
+            last_eval = evaluate_all(run, state)
 
     # The summary.
     summary = {

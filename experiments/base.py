@@ -58,6 +58,7 @@ def config() -> ml_collections.ConfigDict:
     c.eval.every = 400  # steps; a multiple of log.every (and always at the last step)
     c.eval.batch_size = 32
     c.eval.num_batches = 40  # 0 = the whole held-out split, where the task has a fixed one
+    c.eval.sets = ()  # language models: more held-out token stores (their validation splits), reported per set
     # Language models: bigmodel.eval tasks run with each evaluation ('validation', 'text:PATH', 'mc:FILE.jsonl').
     c.eval.tasks = ()
 
@@ -107,6 +108,10 @@ def text_data() -> ml_collections.ConfigDict:
     d.spm_vocab_size = 4096
     d.seq_len = 128
     d.prefetch = 0  # batches prefetched by a background thread
+    # Prepared token stores (`bigmodel prepare`); when set they replace name/source above, and
+    # tokenizer is 'store' (the stores' own) or the tokenizer they must have been prepared with.
+    d.sources = ()  # store directories; several are mixed
+    d.weights = ()  # mixture weights, one per store; () = equal
     return d
 
 

@@ -35,10 +35,14 @@ def validation_fn(model: Any) -> Callable[[Any], dict[str, float]]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the latest (or --step) checkpoint of a run on --tasks and --harness tasks."""
+    from etils import epath
+
     from bigmodel import config as config_lib
     from bigmodel.eval import scoring, tasks
 
-    scoring.run_config(args.workdir)
+    if not epath.Path(args.workdir).is_dir():  # a wrong path is the first thing to hear about
+        raise config_lib.ConfigError(f"workdir {args.workdir!r} does not exist; pass a training run's directory")
+    scoring.run_config(args.workdir)  # then a directory that is not a training run's
     if not args.tasks and not args.harness:
         raise config_lib.ConfigError("name at least one task: --tasks validation text:PATH mc:PATH, or --harness "
                                      "NAME for lm-evaluation-harness tasks")
