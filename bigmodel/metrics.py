@@ -122,9 +122,10 @@ class WandB:
                  **_: Any) -> None:
         try:
             import wandb
+            from wandb.sdk.lib import runid
         except ImportError:
             raise _missing("wandb") from None
-        run_id = tracker_ids(workdir).get("wandb") or wandb.util.generate_id()
+        run_id = tracker_ids(workdir).get("wandb") or runid.generate_id()
         save_tracker_id(workdir, "wandb", run_id)
         self._run = wandb.init(project=project, id=run_id, resume="allow", dir=str(workdir), name=workdir.name,
                                config={**config, "run_info": run_info}, reinit="create_new")

@@ -4,6 +4,7 @@ each carrying config, run_info, rows and summary, and resuming the same tracker 
 import json
 import os
 import pathlib
+import signal
 import socket
 import struct
 import subprocess
@@ -123,8 +124,12 @@ def mlflow_server(tmp_path_factory):
                 time.sleep(1)
         yield uri
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # uvicorn's graceful shutdown can outlast that on a busy machine
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
         log.close()
 
 

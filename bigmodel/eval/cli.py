@@ -42,6 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not epath.Path(args.workdir).is_dir():  # a wrong path is the first thing to hear about
         raise config_lib.ConfigError(f"workdir {args.workdir!r} does not exist; pass a training run's directory")
+    scoring.run_config(args.workdir)  # then a directory that is not a training run's
     if not args.tasks and not args.harness:
         raise config_lib.ConfigError("name at least one task: --tasks validation text:PATH mc:PATH, or --harness "
                                      "NAME for lm-evaluation-harness tasks")

@@ -163,16 +163,21 @@ def window(config: ml_collections.ConfigDict) -> int:
     return min(int(config.data.seq_len), int(max_len))
 
 
+def run_config(workdir: str) -> pathlib.Path:
+    """WORKDIR/config.json, refused with a one-line error when the workdir is not a training run's."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise config_lib.ConfigError(f"{workdir} has no config.json; pass the --workdir of a bigmodel training run")
+    return path
+
+
 def load(workdir: str, *, overrides: Sequence[str] = (), step: int | None = None, batch_size: int = 0,
          progress: bool = True) -> Model:
     """A language model's checkpoint (latest by default) restored onto the run's mesh over this machine's devices.
 
     `overrides` ('mesh.tensor=2' ...) change the saved config first, as for training.
     """
-    path = pathlib.Path(workdir)
-    if not (path / "config.json").is_file():
-        raise config_lib.ConfigError(f"{workdir} has no config.json; pass the --workdir of a bigmodel training run")
-    config = config_lib.load(str(path / "config.json"), overrides)
+    config = config_lib.load(str(run_config(workdir)), overrides)
     if config.task != "lm":
         raise config_lib.ConfigError(f"bigmodel eval scores language models; {workdir} trained task "
                                      f"{config.task!r}")
