@@ -32,7 +32,7 @@ run "llama2_7b tpu-v5p-32 data=16" "${llama[@]}" --target tpu-v5p-32 --mesh data
 run "gpt_tiny:moe tpu-v5e-16 expert=4,data=4" --config experiments/gpt_tiny.py:moe --target tpu-v5e-16 \
   --mesh data=4,expert=4
 run "gpt_gpu:1.3b tpu-v5p-32x2 data=2,fsdp=16" --config experiments/gpt_gpu.py:1.3b --target tpu-v5p-32x2 \
-  --mesh data=2,fsdp=16 --config.train.batch_size=32
+  --mesh data=2,fsdp=16 --config.train.batch_size=32 --config.eval.batch_size=32
 echo "records appended to $out; the table:" >&2
 python - "$out" <<'PY'
 import json, sys
