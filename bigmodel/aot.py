@@ -27,6 +27,7 @@ import traceback
 from typing import Any
 
 from bigmodel.config import ConfigError
+from bigmodel.flops import PEAK_FLOPS
 
 GPUS_PER_NODE = 8
 SPECS = pathlib.Path(__file__).with_name("gpu_specs")
@@ -39,21 +40,22 @@ class Chip:
     """One device kind: its target file (GPU), memory (plan.TARGETS key) and roofline figures."""
 
     memory_key: str  # key of plan.TARGETS (GiB per device)
-    peak_flops: float  # dense bf16 FLOP/s per device (vendor figures, as bigmodel/flops.py)
+    peak_flops: float  # dense bf16 FLOP/s per device (bigmodel/flops.py's vendor figures)
     bandwidth: float  # HBM bytes/s per device (vendor figures)
     spec: str = ""  # GPU target description in bigmodel/gpu_specs/
 
 
+_PEAK = dict(PEAK_FLOPS)
+# HBM bandwidth per device: NVIDIA data sheets (as in gpu_specs/) and Cloud TPU system architecture pages.
 GPUS = {
-    "h100": Chip("h100-80gb", 989e12, 3.35e12, "h100_sxm_80gb.txtpb"),
-    "h200": Chip("h200", 989e12, 4.8e12, "h200_sxm.txtpb"),
-    "a100-80gb": Chip("a100-80gb", 312e12, 2.039e12, "a100_sxm_80gb.txtpb"),
+    "h100": Chip("h100-80gb", _PEAK["H100"], 3.35e12, "h100_sxm_80gb.txtpb"),
+    "h200": Chip("h200", _PEAK["H200"], 4.8e12, "h200_sxm.txtpb"),
+    "a100-80gb": Chip("a100-80gb", _PEAK["A100"], 2.039e12, "a100_sxm_80gb.txtpb"),
 }
-# Cloud TPU data sheets: bf16 peak per chip and HBM bandwidth per chip.
 TPUS = {
-    "v5p": Chip("tpu-v5p", 459e12, 2.765e12),
-    "v5e": Chip("tpu-v5e", 197e12, 0.819e12),
-    "v6e": Chip("tpu-v6e", 918e12, 1.64e12),
+    "v5p": Chip("tpu-v5p", _PEAK["TPU v5p"], 2.765e12),
+    "v5e": Chip("tpu-v5e", _PEAK["TPU v5e"], 0.819e12),
+    "v6e": Chip("tpu-v6e", _PEAK["TPU v6e"], 1.64e12),
 }
 # Slice names -> libtpu topology names (chips x, y[, z]); v5p counts 2 TensorCores per chip.
 TPU_TOPOLOGIES = {
