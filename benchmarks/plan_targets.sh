@@ -38,8 +38,8 @@ python - "$out" <<'PY'
 import json, sys
 
 print("| plan | fits | peak / device | compile | attention | all-gather | reduce-scatter | all-reduce | all-to-all "
-      "| FLOPs / step | roofline step, MFU bound |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+      "| collective-permute | FLOPs / step | roofline step, MFU bound |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     if "error" in r:
@@ -55,5 +55,5 @@ for line in open(sys.argv[1]):
     compile_s = f"{r['compile_s']:.0f} s" if "compile_s" in r else ""
     print(f"| {r['name']} | {'yes' if r['fits'] else 'no'} | {peak} | {compile_s} | {r.get('attention', '')} "
           f"| {cell('all-gather')} | {cell('reduce-scatter')} | {cell('all-reduce')} | {cell('all-to-all')} "
-          f"| {flops} | {bound} |")
+          f"| {cell('collective-permute')} | {flops} | {bound} |")
 PY
