@@ -31,15 +31,15 @@ run "llama2_7b tpu-v5p-32 fsdp=16" "${llama[@]}" --target tpu-v5p-32 --mesh fsdp
 run "llama2_7b tpu-v5p-32 data=16" "${llama[@]}" --target tpu-v5p-32 --mesh data=16
 run "gpt_tiny:moe tpu-v5e-16 expert=4,data=4" --config experiments/gpt_tiny.py:moe --target tpu-v5e-16 \
   --mesh data=4,expert=4
-run "llama2_7b tpu-v5p-32x2 data=2,fsdp=16" "${llama[@]}" --target tpu-v5p-32x2 --mesh data=2,fsdp=16 \
-  --config.train.batch_size=32
+run "gpt_gpu:1.3b tpu-v5p-32x2 data=2,fsdp=16" --config experiments/gpt_gpu.py:1.3b --target tpu-v5p-32x2 \
+  --mesh data=2,fsdp=16 --config.train.batch_size=32 --config.eval.batch_size=32
 echo "records appended to $out; the table:" >&2
 python - "$out" <<'PY'
 import json, sys
 
 print("| plan | fits | peak / device | compile | attention | all-gather | reduce-scatter | all-reduce | all-to-all "
-      "| FLOPs / step | roofline step, MFU bound |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+      "| collective-permute | FLOPs / step | roofline step, MFU bound |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     if "error" in r:
@@ -55,5 +55,5 @@ for line in open(sys.argv[1]):
     compile_s = f"{r['compile_s']:.0f} s" if "compile_s" in r else ""
     print(f"| {r['name']} | {'yes' if r['fits'] else 'no'} | {peak} | {compile_s} | {r.get('attention', '')} "
           f"| {cell('all-gather')} | {cell('reduce-scatter')} | {cell('all-reduce')} | {cell('all-to-all')} "
-          f"| {flops} | {bound} |")
+          f"| {cell('collective-permute')} | {flops} | {bound} |")
 PY

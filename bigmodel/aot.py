@@ -27,6 +27,7 @@ import traceback
 from typing import Any
 
 from bigmodel.config import ConfigError
+from bigmodel.flops import PEAK_FLOPS
 
 GPUS_PER_NODE = 8
 SPECS = pathlib.Path(__file__).with_name("gpu_specs")
@@ -39,21 +40,22 @@ class Chip:
     """One device kind: its target file (GPU), memory (plan.TARGETS key) and roofline figures."""
 
     memory_key: str  # key of plan.TARGETS (GiB per device)
-    peak_flops: float  # dense bf16 FLOP/s per device (vendor figures, as bigmodel/flops.py)
+    peak_flops: float  # dense bf16 FLOP/s per device (bigmodel/flops.py's vendor figures)
     bandwidth: float  # HBM bytes/s per device (vendor figures)
     spec: str = ""  # GPU target description in bigmodel/gpu_specs/
 
 
+_PEAK = dict(PEAK_FLOPS)
+# HBM bandwidth per device: NVIDIA data sheets (as in gpu_specs/) and Cloud TPU system architecture pages.
 GPUS = {
-    "h100": Chip("h100-80gb", 989e12, 3.35e12, "h100_sxm_80gb.txtpb"),
-    "h200": Chip("h200", 989e12, 4.8e12, "h200_sxm.txtpb"),
-    "a100-80gb": Chip("a100-80gb", 312e12, 2.039e12, "a100_sxm_80gb.txtpb"),
+    "h100": Chip("h100-80gb", _PEAK["H100"], 3.35e12, "h100_sxm_80gb.txtpb"),
+    "h200": Chip("h200", _PEAK["H200"], 4.8e12, "h200_sxm.txtpb"),
+    "a100-80gb": Chip("a100-80gb", _PEAK["A100"], 2.039e12, "a100_sxm_80gb.txtpb"),
 }
-# Cloud TPU data sheets: bf16 peak per chip and HBM bandwidth per chip.
 TPUS = {
-    "v5p": Chip("tpu-v5p", 459e12, 2.765e12),
-    "v5e": Chip("tpu-v5e", 197e12, 0.819e12),
-    "v6e": Chip("tpu-v6e", 918e12, 1.64e12),
+    "v5p": Chip("tpu-v5p", _PEAK["TPU v5p"], 2.765e12),
+    "v5e": Chip("tpu-v5e", _PEAK["TPU v5e"], 0.819e12),
+    "v6e": Chip("tpu-v6e", _PEAK["TPU v6e"], 1.64e12),
 }
 # Slice names -> libtpu topology names (chips x, y[, z]); v5p counts 2 TensorCores per chip.
 TPU_TOPOLOGIES = {
@@ -172,13 +174,25 @@ def _shape_bytes(text: str) -> int:
                for kind, dims in _SHAPE.findall(text))
 
 
+def _loop_bound(condition: list[str]) -> int:
+    """Iterations of a counted loop from its condition (counter < constant N, as scans lower); 1 if unknown."""
+    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(condition)))
+    for line in condition:
+        if "direction=LT" in line and " compare(" in line:
+            operands = re.findall(r"%([\w.\-]+)", line.split(" compare(", 1)[1])
+            bound = next((constants[o] for o in operands if o in constants), None)
+            if bound is not None:
+                return int(bound)
+    return 1
+
+
 def collectives(hlo: str) -> dict[str, dict[str, int]]:
     """Per collective kind: how many run in one step and the bytes they produce per device.
 
     Read from the compiled (per-device) HLO text: each collective's result shape gives its
     bytes (an asynchronous pair counts once, at its `-done`, whose result is the output); a
-    collective inside a loop body counts once per iteration where XLA knows the trip count
-    (scanned layers), else once.
+    collective inside a loop body (scanned layers) counts once per iteration: XLA's known trip
+    count (GPU), or the constant bound of the loop's `counter < N` condition (TPU); else once.
     """
     bodies: dict[str, list[str]] = {}
     entry, current = None, None
@@ -203,12 +217,16 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
                 totals[kind]["count"] += times
                 totals[kind]["bytes"] += times * _shape_bytes(shape)
             trip = _TRIP.search(line)
+            trips = int(trip.group(1)) if trip else 1
+            if op == "while" and not trip:
+                condition = re.search(r"condition=%?([\w.\-]+)", line)
+                trips = _loop_bound(bodies.get(condition.group(1), ()) if condition else ())
             for key, called in _CALLS.findall(line):
                 if key == "to_apply" and kind in totals:
                     continue  # the reduction a collective applies
                 for callee in (c.strip().lstrip("%") for c in called.strip("{}").split(",")):
                     if callee in bodies and callee not in seen:
-                        walk(callee, times * (int(trip.group(1)) if trip and key == "body" else 1), (*seen, callee))
+                        walk(callee, times * (trips if key == "body" else 1), (*seen, callee))
 
     if entry is not None:
         walk(entry, 1, (entry,))
@@ -244,12 +262,14 @@ def cost(compiled: Any) -> dict[str, float]:
 def roofline(target: Target, model_flops: float, hlo_cost: dict[str, float]) -> dict[str, Any]:
     """A lower bound on the step time per device, and the model FLOPs utilisation it implies.
 
-    With XLA's cost analysis (TPU): the larger of its FLOPs over the peak and its bytes accessed
-    over the HBM bandwidth. Without (GPU): the analytic model FLOPs over the peak (so at most
-    100% MFU; recomputation and memory traffic are not seen). Communication is not counted.
+    The larger of the FLOPs over the peak and the bytes accessed over the HBM bandwidth. FLOPs:
+    XLA's cost analysis (TPU) or the analytic model FLOPs, whichever is larger: XLA counts a loop
+    body (scanned layers) once, and the model's FLOPs run at least once. Bytes: XLA's (TPU; a
+    loop body again once, so the bound stays a lower bound), none without a cost analysis
+    (GPU: then the bound is the model FLOPs at peak, 100% MFU). Communication is not counted.
     """
     per_device = model_flops / target.devices
-    compute = hlo_cost.get("flops", per_device) / target.chip.peak_flops
+    compute = max(hlo_cost.get("flops", 0.0), per_device) / target.chip.peak_flops
     memory = hlo_cost.get("bytes accessed", 0.0) / target.chip.bandwidth
     bound = max(compute, memory)
     return {
