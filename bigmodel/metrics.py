@@ -13,19 +13,18 @@ from typing import Any
 
 import jax
 
+from bigmodel import storage
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so readers see the old or the new content, never a partial one."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a file so readers see the old or the new content, never a partial one (local or in a bucket)."""
+    storage.write_text(path, text)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; a torn last line (crash mid-write) is ignored."""
     rows = []
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():
@@ -40,22 +39,29 @@ class MetricsWriter:
     """Appends one JSON row per logged step and mirrors scalars to TensorBoard.
 
     On resume from step S, rows after S (written before a crash, to be recomputed) are
-    dropped first, so the file never holds two rows for one step.
+    dropped first, so the file never holds two rows for one step. In a bucket, where objects
+    cannot be appended to, the file is rewritten whole at each row, and the event files are
+    written locally and uploaded at each row (storage.Staged).
     """
 
     def __init__(self, workdir: str | os.PathLike, resume_step: int, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = storage.as_path(workdir) / "metrics.jsonl"
         self._tb = None
         if not enabled:
             return
+        self._remote = storage.is_remote(workdir)
         rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._text = "".join(json.dumps(r) + "\n" for r in rows)  # the whole file (rewritten in a bucket)
+        atomic_write_text(self.path, self._text)
         from tensorboardX import SummaryWriter
 
+        self._events = storage.Staged(workdir)
         # purge_step makes TensorBoard drop points after the resume step from older event files.
-        self._tb = SummaryWriter(str(workdir), flush_secs=10, purge_step=resume_step + 1 if resume_step else None)
-        self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run; close() closes it
+        self._tb = SummaryWriter(str(self._events.local), flush_secs=10,
+                                 purge_step=resume_step + 1 if resume_step else None)
+        if not self._remote:
+            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run; close() closes it
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Log one row: {'step': step, **scalars}."""
@@ -63,19 +69,28 @@ class MetricsWriter:
             return
         # Non-finite values become null: NaN/Infinity are not JSON.
         row = {"step": int(step), **{k: float(v) if math.isfinite(v) else None for k, v in scalars.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._remote:
+            self._text += json.dumps(row) + "\n"
+            atomic_write_text(self.path, self._text)
+        else:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         for key, value in scalars.items():
             if not math.isfinite(value):
                 continue
             tag = key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
             self._tb.add_scalar(tag, float(value), int(step))
+        if self._remote:
+            self._tb.flush()
+            self._events.sync()
 
     def close(self) -> None:
         """Flush and close the files."""
         if self.enabled:
-            self._file.close()
+            if not self._remote:
+                self._file.close()
             self._tb.close()
+            self._events.close()
 
 
 def git_revision(directory: str | os.PathLike) -> str:

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from bigmodel import storage
+
 
 class Tokenizer(Protocol):
     """What the pipelines and `generate` need from a tokenizer."""
@@ -239,6 +241,10 @@ def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> pathlib.Path | N
     name = kind(tokenizer)
     if name is None:
         return None
+    if storage.is_remote(directory):  # written locally, then uploaded file by file (the info file last)
+        with tempfile.TemporaryDirectory() as local:
+            storage.upload_tree(save(tokenizer, local), storage.as_path(directory) / RUN_DIR, last=[INFO_FILE])
+        return storage.as_path(directory) / RUN_DIR
     target = pathlib.Path(directory) / RUN_DIR
     target.mkdir(parents=True, exist_ok=True)
     info = {"kind": name, "vocab_size": int(tokenizer.vocab_size), "eod_id": int(tokenizer.eod_id)}
