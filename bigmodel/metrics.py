@@ -24,10 +24,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; a torn last line (crash mid-write) is ignored."""
     rows = []
-    path = storage.as_path(path)
-    if not path.exists():
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
         return rows
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -171,6 +171,18 @@ def cache_dir(url: str) -> pathlib.Path:
     return pathlib.Path(root, "buckets", scheme, rest)
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A local file's or an object's text; an object is fetched in one request (it may be replaced meanwhile).
+
+    Raises FileNotFoundError if there is none.
+    """
+    if not is_remote(path):
+        return pathlib.Path(path).read_text()
+    fs = filesystem(str(path))
+    fs.invalidate_cache()  # another process may have just written it
+    return fs.cat_file(str(path)).decode()
+
+
 def upload_file(local: str | os.PathLike, url: str) -> None:
     """Copy one local file to an object (streamed, not read into memory)."""
     filesystem(url).put_file(str(local), url)
