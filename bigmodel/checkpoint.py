@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import sys
 import threading
@@ -150,9 +151,10 @@ class Checkpointer:
     """Asynchronous, keep-the-last-k checkpoints under WORKDIR/checkpoints/STEP."""
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int, async_save: bool) -> None:
-        self.directory = storage.as_path(workdir) / "checkpoints"  # local, gs:// or s3://
         # Orbax writes locally: into the workdir, or into a cache folder mirrored to the bucket.
         self.remote = storage.is_remote(workdir)
+        self.directory = (storage.as_path(workdir) if self.remote else pathlib.Path(os.path.abspath(workdir))) \
+            / "checkpoints"
         self.local = storage.cache_dir(str(self.directory)) if self.remote else self.directory
         self._keep, self._async = keep, async_save
         self._pending: int | None = None  # step of the save that may still be in flight
@@ -171,7 +173,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(epath.Path(self.local), options=options)
 
-    def step_dir(self, step: int) -> epath.Path:
+    def step_dir(self, step: int) -> epath.Path | pathlib.Path:
         """Directory of a step's checkpoint (in the bucket for a workdir in one)."""
         return self.directory / str(step)
 

@@ -204,13 +204,16 @@ def remove_tree(url: str) -> None:
         fs.rm(url, recursive=True)
 
 
-def upload_tree(local: str | os.PathLike, target: str | os.PathLike, last: Sequence[str] = ()) -> None:
+def upload_tree(local: str | os.PathLike, target: str | os.PathLike, last: Sequence[str] = (),
+                skip: Sequence[str] = ()) -> None:
     """Copy every file under the local folder `local` to the same relative path under `target`.
 
-    Files named in `last` go after the others (a file whose presence says the rest is complete).
+    Files named in `last` go after the others (a file whose presence says the rest is complete);
+    files named in `skip` stay local.
     """
     local = pathlib.Path(local)
-    for file in sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p))):
+    files = [p for p in local.rglob("*") if p.is_file() and p.name not in skip]
+    for file in sorted(files, key=lambda p: (p.name in last, str(p))):
         upload_file(file, f"{str(target).rstrip('/')}/{file.relative_to(local).as_posix()}")
 
 
