@@ -204,7 +204,7 @@ class Checkpointer:
         process = jax.process_index()
         for step, owners in sorted(in_bucket.items()):
             if 0 in owners and not (self._local(step) / record_name(process)).exists():
-                self._download(step)
+                self._download(step, owners)
         local = epath.Path(self.local)
         if local.exists():
             for path in local.iterdir():
@@ -212,12 +212,9 @@ class Checkpointer:
                         and process not in in_bucket.get(int(path.name), set()):
                     self._upload(int(path.name), process)
 
-    def _download(self, step: int) -> None:
-        fs, prefix = storage.filesystem(str(self.directory)), f"{self.step_dir(step)}/"
-        bare = prefix.split("://", 1)[1]
-        for path in sorted(fs.find(bare), key=lambda p: p.split("/")[-1].startswith(RECORD_PREFIX)):
-            relative = path[len(bare):]
-            storage.download_file(f"{prefix}{relative}", self._local(step) / relative)
+    def _download(self, step: int, owners: set[int]) -> None:
+        """Copy a step from the bucket into the local cache, the integrity records last."""
+        storage.download_tree(str(self.step_dir(step)), self._local(step), last=[record_name(p) for p in owners])
 
     def _upload(self, step: int, process: int) -> None:
         """Upload the files of a sealed step that `process` wrote, its integrity record last."""

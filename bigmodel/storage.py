@@ -197,6 +197,18 @@ def download_file(url: str, local: str | os.PathLike) -> None:
     os.replace(tmp, local)
 
 
+def download_tree(url: str, local: str | os.PathLike, last: Sequence[str] = ()) -> None:
+    """Copy every object under a bucket folder to the same relative path under the local folder `local`.
+
+    Objects named in `last` come after the others (see upload_tree).
+    """
+    fs, prefix = filesystem(url), url.rstrip("/") + "/"
+    bare = prefix.split("://", 1)[1]
+    for path in sorted(fs.find(bare), key=lambda p: (p.rsplit("/", 1)[-1] in last, p)):
+        relative = path[len(bare):]
+        download_file(f"{prefix}{relative}", pathlib.Path(local, relative))
+
+
 def remove_tree(url: str) -> None:
     """Delete every object under a bucket folder."""
     fs = filesystem(url)

@@ -23,6 +23,7 @@ import urllib.request
 import pytest
 
 from bigmodel import metrics, storage
+from bigmodel.data import tokenizers
 
 from conftest import GPT_TINY, REPO, SMALL_CORPUS
 
@@ -204,6 +205,12 @@ def test_train_killed_then_resumed_in_a_bucket_matches_a_local_run(bucket, data_
     fs.invalidate_cache()
     for name in ("summary.json", "config.json", "run_info.json", "tokenizer/bigmodel_tokenizer.json"):
         assert fs.exists(f"{workdir}/{name}"), name
+    sample = subprocess.run([sys.executable, "-m", "bigmodel.cli", "generate", "--workdir", workdir, "--prompt", "def ",
+                             "--max-tokens", "8", "--temperature", "0"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-2000:]
+    from_bucket, from_disk = tokenizers.load(workdir), tokenizers.load(reference)
+    assert (from_bucket.vocab_size, from_bucket.eod_id) == (from_disk.vocab_size, from_disk.eod_id)
     assert fs.glob(f"{workdir}/events.out.tfevents.*")
     kept = sorted(int(p.rstrip("/").split("/")[-1]) for p in fs.ls(f"{workdir}/checkpoints") if p[-1].isdigit())
     assert kept == [15, 20]  # checkpoint.keep=2, pruned in the bucket as locally
@@ -221,6 +228,7 @@ def test_cli_refuses_a_missing_bucket_in_one_line(bucket, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)  # one protocol: the runs are the train test's
 def test_sweep_in_a_bucket_runs_there_and_a_rerun_skips_finished_runs(bucket, data_dir, tmp_path):
     url, env = bucket
     workdir = f"{url}/sweep"

@@ -262,7 +262,16 @@ def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> pathlib.Path | N
 
 
 def load(directory: str | os.PathLike) -> Tokenizer | None:
-    """The tokenizer `save` wrote under DIRECTORY/tokenizer/, or None if there is none (older workdirs)."""
+    """The tokenizer `save` wrote under DIRECTORY/tokenizer/, or None if there is none (older workdirs).
+
+    A workdir in a bucket: the folder is downloaded into the local cache first (storage.cache_dir).
+    """
+    if storage.is_remote(directory):
+        remote = f"{str(directory).rstrip('/')}/{RUN_DIR}"
+        if not storage.as_path(remote).joinpath(INFO_FILE).exists():
+            return None
+        storage.download_tree(remote, storage.cache_dir(str(directory)) / RUN_DIR)
+        directory = storage.cache_dir(str(directory))
     target = pathlib.Path(directory) / RUN_DIR
     if not (target / INFO_FILE).exists():
         return None
