@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -257,3 +258,20 @@ def test_sweep_in_a_bucket_runs_there_and_a_rerun_skips_finished_runs(bucket, da
     again = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "2 finished before, 0 to run" in again.stdout
+
+
+def test_text_files_source_in_a_bucket_builds_the_same_dataset(bucket, tmp_path):
+    url, _ = bucket
+    from bigmodel.data import text_files
+
+    local_root, names = text_files.resolve_files(SMALL_CORPUS)
+    for name in names:
+        storage.upload_file(os.path.join(local_root, name), f"{url}/corpus/{name}")
+    root, found = text_files.resolve_files(f"{url}/corpus/*.py")
+    assert (root, found) == (f"{url}/corpus/", names)
+    assert text_files.resolve_files(f"{url}/corpus")[1] == names  # a folder: every object under it
+    builder = text_files.prepare(f"{url}/corpus/*.py", str(tmp_path / "tfds"), validation_fraction=0.2)
+    texts = {ex["path"].decode(): ex["text"] for ex in builder.as_data_source(split="train")}
+    assert texts and all(texts[name] == pathlib.Path(local_root, name).read_bytes() for name in texts)
+    with pytest.raises(FileNotFoundError, match="matches no objects"):
+        text_files.resolve_files(f"{url}/nothing/*.txt")
