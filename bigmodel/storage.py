@@ -1,12 +1,9 @@
 """Workdirs on object storage (gs://, s3://) as well as on local disk.
 
-Paths go through `etils.epath` (fsspec with gcsfs / s3fs underneath for buckets), the same
-library orbax uses, and orbax's array data goes through tensorstore's gcs and s3 drivers.
-Both sides read the usual environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_REGION and AWS_ENDPOINT_URL (an S3-compatible server) for s3://; Google's application
-default credentials and STORAGE_EMULATOR_HOST (a GCS emulator) for gs://. `configure()`
-points tensorstore at the same GCS emulator (TENSORSTORE_GCS_HTTP_URL) when only
-STORAGE_EMULATOR_HOST is set.
+Paths go through `etils.epath` and fsspec (gcsfs / s3fs underneath for buckets), which read
+the usual environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and
+AWS_ENDPOINT_URL (an S3-compatible server) for s3://; Google's application default
+credentials and STORAGE_EMULATOR_HOST (a GCS emulator) for gs://.
 
 Object stores cannot append or rename atomically, so: a small file is written as one object
 (a reader sees the old object or the new one, never a part), an appended log is rewritten
@@ -49,13 +46,6 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(str(path) if is_remote(path) else os.path.abspath(path))
 
 
-def configure() -> None:
-    """Point tensorstore at the GCS emulator that gcsfs uses (STORAGE_EMULATOR_HOST), unless told otherwise."""
-    host = os.environ.get("STORAGE_EMULATOR_HOST")
-    if host and "TENSORSTORE_GCS_HTTP_URL" not in os.environ:
-        os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
-
-
 def bucket_of(path: str | os.PathLike) -> str:
     """'s3://bucket' of 's3://bucket/some/dir'."""
     scheme, _, rest = str(path).partition("://")
@@ -83,7 +73,6 @@ def check_bucket(path: str | os.PathLike) -> None:
     """
     if not is_remote(path):
         return
-    configure()
     bucket = bucket_of(path)
     scheme = bucket.split(":", 1)[0]
     create, credentials = _fix(scheme, bucket)
@@ -160,7 +149,6 @@ def filesystem(url: str) -> Any:
     """The fsspec filesystem of a bucket URL (s3fs or gcsfs)."""
     import fsspec
 
-    configure()
     return fsspec.filesystem("s3" if url.startswith("s3://") else "gcs")
 
 
