@@ -149,7 +149,11 @@ def filesystem(url: str) -> Any:
     """The fsspec filesystem of a bucket URL (s3fs or gcsfs)."""
     import fsspec
 
-    return fsspec.filesystem("s3" if url.startswith("s3://") else "gcs")
+    # The endpoint is part of fsspec's instance-cache key, so a changed AWS_ENDPOINT_URL or
+    # STORAGE_EMULATOR_HOST gets a new client (None: the client's own default).
+    if url.startswith("s3://"):
+        return fsspec.filesystem("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    return fsspec.filesystem("gcs", endpoint_url=os.environ.get("STORAGE_EMULATOR_HOST"))
 
 
 def cache_dir(url: str) -> pathlib.Path:
