@@ -859,7 +859,7 @@ def _held_out(store: Store, config: Any, token_bytes: np.ndarray, shard: tuple[i
     return _eval_batches(windows, config.eval.batch_size, shard, token_bytes, config.eval.num_batches)
 
 
-def _same_tokenizer(store: Store, tok: tokenizers.Tokenizer, what: str) -> None:
+def same_tokenizer(store: Store, tok: tokenizers.Tokenizer, what: str) -> None:
     have, want = store.tokenizer_info, tokenizer_identity(tok)
     if (have["kind"], have["sha256"]) != (want["kind"], want["sha256"]):
         raise StoreError(f"{what} {store.path} was prepared with tokenizer {describe_tokenizer(have)} but this run "
@@ -879,7 +879,7 @@ def eval_sets(config: Any, tok: tokenizers.Tokenizer, shard: tuple[int, int]) ->
         if name in sets:
             raise ConfigError(f"config.eval.sets has two stores named {name!r}; give each set its own folder name")
         s = Store(path)
-        _same_tokenizer(s, tok, "config.eval.sets store")
+        same_tokenizer(s, tok, "config.eval.sets store")
         sets[name] = _held_out(s, config, tok.token_bytes, shard)
     return sets
 
@@ -900,7 +900,7 @@ def build(config: Any, shard: tuple[int, int]) -> Any:
     stores = [Store(p) for p in cfg.sources]
     tok = check_tokenizer(stores[0], cfg.tokenizer)
     for s in stores[1:]:
-        _same_tokenizer(s, tok, "config.data.sources store")
+        same_tokenizer(s, tok, "config.data.sources store")
     train = []
     for i, s in enumerate(stores):
         windows = Windows(s.split("train"), cfg.seq_len, config.seed * 1_000 + i)

@@ -44,8 +44,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise config_lib.ConfigError(f"workdir {args.workdir!r} does not exist; pass a training run's directory")
     scoring.run_config(args.workdir)  # then a directory that is not a training run's
     if not args.tasks and not args.harness:
-        raise config_lib.ConfigError("name at least one task: --tasks validation text:PATH mc:PATH, or --harness "
-                                     "NAME for lm-evaluation-harness tasks")
+        raise config_lib.ConfigError("name at least one task: --tasks validation text:PATH mc:PATH store:DIR, or "
+                                     "--harness NAME for lm-evaluation-harness tasks")
     start = time.time()
     model = scoring.load(args.workdir, overrides=args.overrides, step=args.step, batch_size=args.batch_size)
     validation = validation_fn(model) if "validation" in args.tasks else None
@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "lm-evaluation-harness tasks; --config.KEY=VALUE overrides the saved config")
     p.add_argument("--workdir", required=True, help="a training run's directory")
     p.add_argument("--tasks", nargs="*", default=[],
-                   help="validation | text:FILE_DIR_OR_GLOB | mc:FILE.jsonl (HellaSwag, PIQA or ARC layout)")
+                   help="validation | text:FILE_DIR_OR_GLOB | mc:FILE.jsonl (HellaSwag, PIQA or ARC layout) | "
+                        "store:DIR (a prepared store's validation split; store:DIR@train its train split)")
     p.add_argument("--harness", nargs="*", default=[], help="lm-evaluation-harness task names (pip install "
                                                             "'bigmodel[eval]')")
     p.add_argument("--harness_include", "--harness-include", default=None,

@@ -7,6 +7,9 @@
                 {"context", "choices", "label"}): each ending scored by its log-likelihood after
                 the context; acc picks the highest, acc_norm the highest per character of the ending
                 (lm-evaluation-harness's definitions, so the figures compare with published ones)
+  store:DIR     perplexity and bits per byte of a prepared token store's validation split
+                (store:DIR@train for its train split), document by document as text: scores
+                them; bits per byte from the manifest's byte count of the split's documents
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from bigmodel.config import ConfigError
 from bigmodel.eval import scoring
 
-KINDS = ("validation", "text:PATH", "mc:PATH")
+KINDS = ("validation", "text:PATH", "mc:PATH", "store:DIR")
 
 
 @dataclasses.dataclass
@@ -119,14 +122,45 @@ def perplexity(tokenizer: Any, scorer: scoring.Scorer, variables: Any, texts: Se
                desc: str = "") -> dict[str, float]:
     """Per-token loss and perplexity, and bits per UTF-8 byte, of whole documents."""
     docs = [tokenizer.encode(t).tolist() for t in texts]
-    kept = [d for d in docs if d]
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    return document_perplexity(scorer, variables, docs, size, desc)
+
+
+def document_perplexity(scorer: scoring.Scorer, variables: Any, docs: Sequence[Sequence[int]], size: int,
+                        desc: str = "") -> dict[str, float]:
+    """Loss, perplexity and bits per byte of token-id documents that hold `size` UTF-8 bytes (empty ones skipped)."""
+    kept = [d for d in docs if len(d)]
     scores = scorer.rolling(variables, kept, desc)
     nats = -sum(s.logprob for s in scores)
     tokens = sum(s.tokens for s in scores)
-    size = sum(len(t.encode("utf-8")) for t in texts)
     return {"loss": nats / max(tokens, 1), "perplexity": math.exp(nats / max(tokens, 1)),
             "bits_per_byte": nats / math.log(2) / max(size, 1), "tokens": tokens, "bytes": size,
             "documents": len(kept)}
+
+
+def store_documents(path: str, tokenizer: Any) -> tuple[str, list[np.ndarray], int]:
+    """(name, documents as token ids, their UTF-8 bytes) of a prepared store's split: DIR or DIR@SPLIT.
+
+    The store must have been prepared with `tokenizer`; documents are cut at the end-of-document
+    ids that end each of them, and the byte count is the manifest's for the split.
+    """
+    from bigmodel.data import store as store_lib
+
+    split = "validation"
+    base, at, name = path.rpartition("@")
+    if at and name in store_lib.SPLITS:
+        path, split = base, name
+    store = store_lib.Store(path)
+    store_lib.same_tokenizer(store, tokenizer, "evaluation task store")
+    tokens = store.split(split)
+    ids = tokens.read(0, len(tokens))
+    if not len(ids):
+        raise ConfigError(f"store:{path} has no documents in its {split} split; prepare it with a larger "
+                          "--validation-fraction, or pass store:DIR@train")
+    eod = int(store.tokenizer_info["eod_id"])
+    docs = [d[:-1] for d in np.split(ids, np.flatnonzero(ids == eod) + 1) if len(d)]
+    name = store_lib.set_name(path) + ("" if split == "validation" else f"_{split}")
+    return name, docs, int(store.manifest["splits"][split]["bytes"])
 
 
 @dataclasses.dataclass
@@ -153,6 +187,10 @@ def build(specs: Sequence[str], *, tokenizer: Any, scorer: scoring.Scorer,
             texts = [pathlib.Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
             name = pathlib.Path(path.split("*", 1)[0].rstrip("/") or path).stem or "text"
             fn = lambda variables, state, texts=texts, name=name: perplexity(tokenizer, scorer, variables, texts, name)
+        elif kind == "store" and path:
+            name, docs, size = store_documents(path, tokenizer)
+            fn = lambda variables, state, docs=docs, size=size, name=name: document_perplexity(
+                scorer, variables, docs, size, name)
         elif kind == "mc" and path:
             if not os.path.isfile(path):
                 raise ConfigError(f"mc:{path}: no such file; pass a jsonl file of multiple-choice questions")

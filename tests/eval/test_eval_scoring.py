@@ -135,3 +135,44 @@ def test_perplexity_of_text_files(nano, tmp_path):
     assert out["documents"] == 2 and out["bytes"] == out["tokens"] == 27 + 6
     assert out["perplexity"] == pytest.approx(np.exp(out["loss"]))
     assert out["bits_per_byte"] == pytest.approx(out["loss"] / np.log(2))  # one token per byte
+
+
+def test_store_perplexity_equals_text_perplexity_of_the_same_documents(nano, tmp_path):
+    from bigmodel.data import store, tokenizers
+
+    module, variables = nano
+    source, held_out = tmp_path / "corpus", tmp_path / "held_out"
+    source.mkdir()
+    held_out.mkdir()
+    texts = [f"def f{i}(x):\n    return x * {i} + {'y' * (i % 7)}  # é{i}\n" * (1 + i % 3) for i in range(12)]
+    for i, text in enumerate(texts):
+        (source / f"doc{i:02d}.txt").write_text(text)
+        if store.split_bucket(text) < 5000:  # the documents the store holds out for validation
+            (held_out / f"doc{i:02d}.txt").write_text(text)
+    n_held_out = len(list(held_out.iterdir()))
+    assert 0 < n_held_out < len(texts)
+    options = dict(source=str(source), format="text", validation_fraction=0.5, processes=1)
+    store.prepare(store.Options(out=str(tmp_path / "byte_store"), tokenizer="byte", **options), progress=False)
+    byte = tokenizers.ByteTokenizer()
+    scorer = make_scorer(module, seq_len=16)  # documents longer than the window: several windows each
+    specs = [f"text:{held_out}", f"store:{tmp_path / 'byte_store'}", f"store:{tmp_path / 'byte_store'}@train",
+             f"text:{source}"]
+    built = tasks.build(specs, tokenizer=byte, scorer=scorer)
+    assert [t.name for t in built] == ["held_out", "byte_store", "byte_store_train", "corpus"]
+    out = tasks.run_all(built, variables)
+    text, stored, train = out["held_out"], out["byte_store"], out["byte_store_train"]
+    assert stored["documents"] == text["documents"] == n_held_out
+    assert stored["tokens"] == text["tokens"] and stored["bytes"] == text["bytes"]
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert stored[key] == pytest.approx(text[key], rel=1e-5), key
+    # Both splits together are the whole corpus: their nats add up to the corpus's.
+    assert stored["documents"] + train["documents"] == len(texts)
+    assert stored["loss"] * stored["tokens"] + train["loss"] * train["tokens"] == pytest.approx(
+        out["corpus"]["loss"] * out["corpus"]["tokens"], rel=1e-5)
+
+    # A store tokenized otherwise is refused, naming both tokenizers.
+    store.prepare(store.Options(out=str(tmp_path / "bpe_store"), tokenizer="bpe:300", **options), progress=False)
+    with pytest.raises(ConfigError, match=r"bpe_store was prepared with tokenizer hf .* but this run uses byte"):
+        tasks.build([f"store:{tmp_path / 'bpe_store'}"], tokenizer=byte, scorer=scorer)
+    with pytest.raises(ConfigError, match="not a prepared token store"):
+        tasks.build([f"store:{tmp_path / 'none'}"], tokenizer=byte, scorer=scorer)
