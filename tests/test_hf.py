@@ -25,7 +25,7 @@ from bigmodel import checkpoint, cli, config as config_lib, generate, hf, metric
 from bigmodel.config import ConfigError
 from bigmodel.data import pipeline, tokenizers
 
-from conftest import GPT_TINY
+from conftest import GPT_TINY, SMALL_CORPUS
 
 transformers.logging.set_verbosity_error()
 VOCAB = 300  # above the byte tokenizer's 257 ids, so imported GPTs train on bytes
@@ -58,11 +58,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 16}
 
 
-def hf_llama(kv_heads: int = 2, tie: bool = False, rope: dict | None = None, seed: int = 0) -> torch.nn.Module:
+def hf_llama(kv_heads: int = 2, tie: bool = False, rope: dict | None = None, seed: int = 0, vocab: int = VOCAB
+             ) -> torch.nn.Module:
     """A small LlamaForCausalLM: GQA with `kv_heads`, theta 5000, the given rope scaling."""
     cfg = transformers.LlamaConfig(
         hidden_size=SMALL["d"], num_hidden_layers=SMALL["layers"], num_attention_heads=SMALL["heads"],
-        num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=64,
+        num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=vocab, max_position_embeddings=64,
         tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
         rope_parameters={"rope_theta": 5000.0, **(rope or {"rope_type": "default"})})
     return randomise(transformers.LlamaForCausalLM(cfg), seed)
@@ -392,6 +393,30 @@ def test_export_hf_loads_in_transformers_with_its_tokenizer(tmp_path, tiny_overr
     assert cli.main(["export-hf", "--workdir", str(tmp_path / "hf"), "--out", str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "o2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_hf_of_a_sentencepiece_run_writes_a_tokenizer_json_with_its_ids(tmp_path, tiny_overrides):
+    """A run whose tokenizer is SentencePiece: AutoTokenizer loads the export's tokenizer.json with the run's ids."""
+    import glob
+
+    corpus = [pathlib.Path(f).read_text() for f in sorted(glob.glob(SMALL_CORPUS))]
+    spm = tokenizers.train_sentencepiece(corpus, 500, tmp_path / "spm.model")  # byte fallback: 256 of the ids
+    hf_llama(seed=6, vocab=512).save_pretrained(tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "w", GPT_TINY + ":tiny", tiny_overrides)
+    tokenizers.save(spm, tmp_path / "w")  # the run's tokenizer, as training keeps it
+    assert cli.main(["export-hf", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    texts = [corpus[0][:3000], corpus[-1][-3000:],  # indented source: runs of spaces, newlines
+             "x = 12345 + 'héllo ☃ 𝔘'  \n\n     y\tz", "  two leading", "trailing   ", "a  b   c    d     e\n",
+             "\n\n\n    \n        \n"]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids == spm.encode(text).tolist(), text
+        assert tok.decode(ids) == text
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token, tok.unk_token) == ("</s>", spm.eod_id, "<s>", "<unk>")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").eos_token_id == spm.eod_id
 
 
 def hub_cache_entry(cache, name: str, model: torch.nn.Module) -> None:

@@ -5,7 +5,9 @@ tokenizer_config.json naming its special tokens (a byte-tokenizer run gets a tok
 that maps every byte to the same id as bigmodel's byte tokenizer, end-of-document 256 as
 <|endoftext|>; a BERT's [MASK], [CLS] and [SEP] appended after the vocabulary are added at the
 ids the run gave them), so `AutoModelForCausalLM` / `AutoModelForMaskedLM` and `AutoTokenizer`
-load the folder. A SentencePiece run's tokenizer.model is copied as it is (no tokenizer.json).
+load the folder. A SentencePiece run's tokenizer.model is copied, and beside it a tokenizer.json
+giving the same ids (see sentencepiece_tokenizer_json; it needs transformers, and a model with
+a normaliser other than bigmodel's identity one keeps only tokenizer.model).
 Everything is written into a temporary sibling folder that is renamed to --out at the end.
 """
 
@@ -46,6 +48,49 @@ def byte_tokenizer_json() -> str:
     return tok.to_str()
 
 
+def sentencepiece_tokenizer_json(model_path: str) -> Any:
+    """A `tokenizers.Tokenizer` encoding as the SentencePiece BPE model does, or None where it cannot.
+
+    Covers the models bigmodel trains (tokenizers.train_sentencepiece: identity normalisation, no
+    dummy prefix, byte fallback): spaces become U+2581, text is cut into words that are a run of
+    U+2581 and the characters up to the next one (SentencePiece's split with whitespace-only
+    pieces allowed), and each word is merged by BPE over the model's vocabulary and merges
+    (read by transformers' SentencePieceExtractor). User-defined symbols holding a space never
+    match in SentencePiece (it matches them after the spaces became U+2581) and stay plain
+    vocabulary entries here for the same reason. Other models (a normaliser, a dummy prefix,
+    unigram) return None.
+    """
+    try:
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+    except ImportError:
+        return None
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    extractor = SentencePieceExtractor(model_path)
+    proto = extractor.proto
+    norm = proto.normalizer_spec
+    if (proto.trainer_spec.model_type != 2 or norm.name != "identity" or norm.add_dummy_prefix  # 2: BPE
+            or norm.remove_extra_whitespaces or not proto.trainer_spec.byte_fallback
+            or proto.trainer_spec.treat_whitespace_as_suffix):
+        return None
+    pieces = extractor.extract(models.BPE)
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    tok = Tokenizer(models.BPE(vocab=pieces["vocab"], merges=pieces["merges"], unk_token=unk, byte_fallback=True,
+                               fuse_unk=True))
+    space = "\u2581"
+    tok.normalizer = normalizers.Replace(" ", space)
+    if proto.trainer_spec.allow_whitespace_only_pieces:  # a run of spaces starts a word
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(f"{space}+[^{space}]*|[^{space}]+"), behavior="isolated")
+    else:  # each space starts a word
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()])
+    added = pieces["additional_special_tokens"]
+    tok.add_tokens([AddedToken(t.content, normalized=True, special=False) for t in added
+                    if not t.special and " " not in t.content])
+    tok.add_special_tokens([t.content for t in added if t.special])
+    return tok
+
+
 def write_tokenizer(tokenizer: tokenizers.Tokenizer, out: pathlib.Path, max_len: int,
                     appended: tuple[str, ...] = ()) -> list[str]:
     """The run's tokenizer into `out` in transformers' layout; returns the file names written.
@@ -56,12 +101,17 @@ def write_tokenizer(tokenizer: tokenizers.Tokenizer, out: pathlib.Path, max_len:
     from tokenizers import Tokenizer
 
     name = tokenizers.kind(tokenizer)
+    files = []
     if name == "sentencepiece":
         shutil.copyfile(tokenizer.path, out / "tokenizer.model")
-        return ["tokenizer.model"]
-    if name not in ("hf", "byte"):
+        files = ["tokenizer.model"]
+        tok = sentencepiece_tokenizer_json(tokenizer.path)
+        if tok is None:
+            return files
+    elif name in ("hf", "byte"):
+        tok = Tokenizer.from_file(tokenizer.path) if name == "hf" else Tokenizer.from_str(byte_tokenizer_json())
+    else:
         return []
-    tok = Tokenizer.from_file(tokenizer.path) if name == "hf" else Tokenizer.from_str(byte_tokenizer_json())
     if appended:
         tok.add_special_tokens(list(appended))
         got = [tok.token_to_id(t) for t in appended]
@@ -75,7 +125,7 @@ def write_tokenizer(tokenizer: tokenizers.Tokenizer, out: pathlib.Path, max_len:
         if found is not None:
             config[role] = found
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return ["tokenizer.json", "tokenizer_config.json"]
+    return files + ["tokenizer.json", "tokenizer_config.json"]
 
 
 def _appended_specials(tokenizer: tokenizers.Tokenizer, family: Family) -> tuple[str, ...]:
@@ -140,7 +190,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
     state = family.params_to_hf(tree_map(np.asarray, params), model)
     hf_config = family.config_to_hf(model)
     tokenizer = run_tokenizer(workdir, config)
-    if tokenizer is not None and tokenizers.kind(tokenizer) != "sentencepiece":
+    if tokenizer is not None:
         eod = int(tokenizer.eod_id)
         if family.task == "lm":  # what generation stops at
             hf_config.update(eos_token_id=eod, bos_token_id=eod)
