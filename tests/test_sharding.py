@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bigmodel import config as config_lib, sharding, train
+from bigmodel import aot, config as config_lib, sharding, train
 from bigmodel.config import ConfigError
 from bigmodel.models import layers
 
@@ -130,6 +130,24 @@ def test_moe_losses_equal_with_experts_over_1_2_and_4_devices():
         kernel = sharded.params["block_0"]["moe"]["fc_in"]  # [E=4, D, F]
         experts_per_device = 4 // sizes["expert"]
         assert {s.data.shape[0] for s in kernel.addressable_shards} == {experts_per_device}
+
+
+@pytest.mark.slow
+def test_moe_step_on_an_expert_axis_moves_tokens_with_all_to_all():
+    """The compiled train step sends tokens to their experts and back by all-to-all, never gathering them."""
+    config, abstract, host, batches = start("moe")
+    mesh, rules, module, task, tx, schedule = train.setup_model(config, axes(expert=4))
+    shardings = sharding.state_shardings(abstract, mesh, rules, False)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = jax.jit(train.make_train_step(module, task, tx, schedule, 1),
+                       in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+        found = aot.collectives(step.lower(host, batches[0], jax.random.key(1)).compile().as_text())
+    assert found["all-to-all"]["count"] >= 2 * config.model.num_layers, found
+    # XLA:CPU gathers each layer's router probabilities [B, T, E] for top_k (libtpu does not); anything
+    # more would be tokens or expert weights gathered instead of moved.
+    rows, length = batches[0]["inputs"].shape
+    router_probs = config.model.num_layers * rows * length * config.model.num_experts * 4
+    assert found["all-gather"]["bytes"] <= router_probs, found
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ C capacity (slots per expert and group), F expert hidden width, K choices per to
 Two ways to run the experts, by `capacity_factor`:
   > 0   capacity routing. Each expert takes at most C = ceil(K·T·capacity_factor / E)
         tokens of a row; choices beyond that are dropped (the token keeps its residual
-        path). Tokens reach the experts through dispatch/combine einsums, so with the expert
-        weights sharded over the 'expert' mesh axis and the expert batch named
-        'act_expert', the compiler inserts the all-to-all (expert parallelism from
-        sharding annotations alone).
+        path). Tokens reach the experts through dispatch/combine einsums; the dispatched
+        [B, E, C, D] tensor is pinned first to the batch layout, then with E split over the
+        'expert' mesh axis (where the expert weights live), so the compiler moves tokens
+        with an all-to-all each way (expert parallelism from sharding annotations alone).
   <= 0  dropless. The K·B·T token copies are sorted by expert and multiplied by
         `jax.lax.ragged_dot` over groups of ragged size: no token is ever dropped.
 
@@ -111,13 +111,19 @@ class MoeMlp(nn.Module):
         slot = jax.nn.one_hot(position.astype(jnp.int32), capacity, dtype=jnp.float32) * kept[..., None]  # [B,T,K,C]
         dispatch = jnp.einsum("btke,btkc->btec", onehot, slot)
         combine = jnp.einsum("btke,btkc,btk->btec", onehot, slot, gates)
-        expert_in = jnp.einsum("btec,btd->becd", dispatch.astype(self.dtype), x.astype(self.dtype))
+        # Expert parallelism: the dispatched tokens are first laid out like the batch (rows
+        # split over every batch axis, 'expert' included), then re-laid out with the experts
+        # split over 'expert'. Pinning both layouts makes the move between them one
+        # all-to-all; with only the second, the compiler gathers the whole batch instead.
+        by_row = ("act_batch", None, None, "act_embed")
         names = ("act_batch", "act_expert", None, "act_embed")
-        expert_in = layers.constrain(expert_in, names)
+        expert_in = jnp.einsum("btec,btd->becd", dispatch.astype(self.dtype), x.astype(self.dtype))
+        expert_in = layers.constrain(layers.constrain(expert_in, by_row), names)
         pre_gate = jnp.einsum("becd,edf->becf", expert_in, w["fc_gate"]) if "fc_gate" in w else None
         h = self._hidden(jnp.einsum("becd,edf->becf", expert_in, w["fc_in"]), pre_gate)
         h = layers.constrain(h, ("act_batch", "act_expert", None, "act_mlp"))
         out = layers.constrain(jnp.einsum("becf,efd->becd", h, w["fc_out"]), names)
+        out = layers.constrain(out, by_row)  # and back: the second all-to-all
         y = jnp.einsum("btec,becd->btd", combine.astype(self.dtype), out)
         return layers.constrain(y, ("act_batch", "act_seq", "act_embed")), kept
 
