@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from bigmodel import metrics, storage
@@ -242,3 +243,25 @@ def test_text_files_source_in_a_bucket_builds_the_same_dataset(bucket, tmp_path)
     assert texts and all(texts[name] == pathlib.Path(local_root, name).read_bytes() for name in texts)
     with pytest.raises(FileNotFoundError, match="matches no objects"):
         text_files.resolve_files(f"{url}/nothing/*.txt")
+
+
+def test_a_token_store_in_a_bucket_reads_as_the_local_one(bucket, tmp_path):
+    url, _ = bucket
+    from bigmodel.data import store
+
+    local = tmp_path / "store"
+    store.prepare(store.Options(source=SMALL_CORPUS, format="text", out=str(local), tokenizer="byte", processes=1,
+                                validation_fraction=0.2, shard_tokens=20_000), progress=False)
+    storage.upload_tree(local, f"{url}/store")
+    here, there = store.Store(str(local)), store.Store(f"{url}/store")
+    assert there.manifest == here.manifest and there.tokenizer().vocab_size == here.tokenizer().vocab_size
+    for split in ("train", "validation"):
+        a, b = here.split(split), there.split(split)
+        assert len(a) == len(b) > 0
+        starts = np.random.default_rng(0).integers(0, len(a) - 64, size=16)  # rows within and across shards
+        np.testing.assert_array_equal(b.read_many(starts, 64), a.read_many(starts, 64))
+    # A shard cut short in the bucket is refused when the store is opened, naming the shard.
+    shard = there.manifest["splits"]["train"]["shards"][0]["file"]
+    storage.as_path(f"{url}/store/{shard}").write_bytes(b"\0\0")
+    with pytest.raises(store.StoreError, match=f"shard {url}/store/{shard} has 2 bytes"):
+        store.Store(f"{url}/store").split("train")
