@@ -4,42 +4,59 @@ Command:   bigmodel sweep --config experiments/scaling/gpt_stdlib_law.py --workd
            bigmodel sweep --config experiments/scaling/gpt_stdlib_law.py:holdout --workdir runs/law_holdout
            python benchmarks/scaling_holdout.py runs/law runs/law_holdout --out runs/law_holdout/check.json
 Hardware:  2 CPU cores; --parallel 2 (two runs at a time, one core each).
-Wall time: RESULTS_PENDING
-Expected:  RESULTS_PENDING
+Wall time: not measured on a quiet machine. Its first run (2026-12-06, nice -n 5 on 2 cores
+           shared with load averages of 30-40) spent 10-15 minutes of wall time per run on
+           start-up and compilation alone (about 20 CPU seconds each) and did not finish the
+           plan plus the held-out run in the hour it had; the held-out run was stopped
+           before it trained. By 6ND the plan is 3.0e12 FLOPs and the held-out run 2.6e12:
+           on a quiet machine (about 5e10 FLOP/s for these sizes, 10-20 s start-up per run)
+           that is about 5 minutes for the sweep and 1 for the held-out run, untested.
+Expected:  what was measured is in benchmarks/scaling-law-2026-12-06/ (README there). At the
+           125-step budget the validation loss does NOT fall with N: 2.790 (width 16), 2.879
+           (24), 2.965 (32), 2.882 (48) nats/byte, so the approach-3 law is not identified by
+           these runs: 125-782 steps of 4,096 tokens are optimisation-limited, the regime the
+           law does not describe. Next: fewer tokens per step (batch 8 x 128 gives 4x the
+           steps per token) and budgets of 2,000 steps or more before widening the ladder.
 
-Plan:      widths 32, 48, 64, 96, 128 at two layers (head dim 16): 25k to 397k non-embedding
-           parameters (15.6x; 42k to 462k with the tied 384-byte table and 128 positions).
-           Token budgets 410k, 1M, 2.6M and 6.4M (100 to 1,562 steps of 32 x 128 bytes),
-           each run's 6ND capped at 3e12 (sweep.max_flops): the smallest width gets all four
-           budgets, the two largest the first two, 14 runs in all. Learning rate from a short
-           sweep at the smallest and largest widths (':lr'): LR_PENDING; warmup 5% of each run,
-           cosine to 10% at each run's own end.
-           Held-out run (':holdout'): width 128 on 4.1M tokens, 1.14e13 FLOPs, 4.0x the sweep's
-           largest run (width 128 on 1M tokens, 2.84e12), never seen by the fit.
+Plan:      widths 16, 24, 32, 48, 64 at two layers (head dim 8): 6.6k to 100k non-embedding
+           parameters (15.2x; 15k to 133k with the tied 384-byte table and 128 positions, which
+           are more than half of the smallest model). Token budgets 512k, 1.28M and 3.2M (125,
+           313 and 782 steps of 32 x 128 bytes), each run's 6ND capped at 6.3e11
+           (sweep.max_flops), so the small widths get all three budgets and the large ones the
+           short ones: 11 runs. Learning rate from the ':lr' sweep (6e-3, 1.5e-2, 4e-2 on 512k
+           tokens): 1.5e-2 was best at width 16 (validation loss 2.790 against 2.896 and
+           2.890) and 6e-3 at width 64 (2.903 against 3.005 and 3.053), so lr = 1.5e-2 *
+           (16 / width)^0.661 goes through both; warmup 5% of each run, cosine to 10% at each
+           run's own end.
+           Held-out run (':holdout'): width 64 on 3.2M tokens, 2.55e12 FLOPs, 4.08x the sweep's
+           largest run (width 48 on 1.28M tokens, 6.25e11), never seen by the fit.
 
-Variants:  ':lr' the learning-rate sweep: widths 32 and 128 on 1M tokens at the rate given by
+Variants:  ':lr' the learning-rate sweep: widths 16 and 64 on 512k tokens at the rate given by
            --config.base.optim.learning_rate; ':holdout' the held-out run; ':tiny' a few
            seconds a run (gpt_stdlib's ':tiny' ladder) and ':tiny,holdout' its held-out run at
            4x its largest run's compute, which the tests run end to end.
 """
 
+import pathlib
+
 import ml_collections
 
 from bigmodel import config as config_lib
 
+base = config_lib.experiment_module(pathlib.Path(__file__).parents[1] / "base.py")
+
 VARIANTS = ("", "tiny", "lr", "holdout", "tiny,holdout")
 
 WIDTHS = (16, 24, 32, 48, 64)
-TOKENS = (512_000, 1_282_048, 3_203_072, 8_003_584)  # 125, 313, 782 and 1,954 steps of 4,096 tokens
-MAX_FLOPS = 1.03e12  # 6ND cap: the largest sweep run is width 64 on 1.3M tokens (1.02e12)
-HOLDOUT = (64, 5_120_000)  # width, tokens (1,250 steps): 4x the compute of the largest run
+TOKENS = (512_000, 1_282_048, 3_203_072)  # 125, 313 and 782 steps of 4,096 tokens
+MAX_FLOPS = 6.3e11  # 6ND cap: the largest sweep run is width 48 on 1.3M tokens (6.25e11)
+HOLDOUT = (64, 3_203_072)  # width, tokens (782 steps): 4.08x the compute of the largest run
 TINY_HOLDOUT = (64, 98_304)  # 4x the compute of ':tiny''s largest run (width 64, 24,576 tokens)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """The sweep config: gpt_stdlib's training config and rules with this ladder, budgets and rates."""
-    config_lib.experiment_module(__file__.replace("gpt_stdlib_law.py", "../base.py")).check_variant(
-        __file__, arg, VARIANTS)
+    base.check_variant(__file__, arg, VARIANTS)
     parts = arg.split(",")
     c = config_lib.sibling_config(__file__, "gpt_stdlib.py", "tiny" if "tiny" in parts else "")
     s = c.sweep

@@ -27,7 +27,7 @@ def runs(spec: str, *overrides: str) -> list[planning.Run]:
 def test_max_flops_leaves_out_the_runs_above_the_cap():
     uncapped = runs(LAW, "sweep.max_flops=0")
     capped = runs(LAW, "sweep.max_flops=5e11")
-    assert len(uncapped) == 5 * 4 and 0 < len(capped) < len(uncapped)
+    assert len(uncapped) == 5 * 3 and 0 < len(capped) < len(uncapped)
     assert {r.id for r in capped} == {r.id for r in uncapped if r.flops <= 5e11}
 
 
@@ -35,7 +35,7 @@ def test_plan_spans_a_decade_and_the_holdout_is_4x_the_largest_run():
     sweep = runs(LAW)
     nonembed = [r.params_nonembed for r in sweep]
     assert max(nonembed) / min(nonembed) >= 10
-    assert len({r.tokens for r in sweep}) == 4 and max(r.tokens for r in sweep) / min(r.tokens for r in sweep) > 15
+    assert len({r.tokens for r in sweep}) == 3 and max(r.tokens for r in sweep) / min(r.tokens for r in sweep) > 6
     (held,) = runs(LAW + ":holdout")
     assert held.flops >= 4 * max(r.flops for r in sweep)
     assert held.id not in {r.id for r in sweep}
