@@ -11,12 +11,14 @@ Wall time: not measured on a quiet machine. Its first run (2026-12-06, nice -n 5
            before it trained. By 6ND the plan is 3.0e12 FLOPs and the held-out run 2.6e12:
            on a quiet machine (about 5e10 FLOP/s for these sizes, 10-20 s start-up per run)
            that is about 5 minutes for the sweep and 1 for the held-out run, untested.
-Expected:  what was measured is in benchmarks/scaling-law-2026-12-06/ (README there). At the
-           125-step budget the validation loss does NOT fall with N: 2.790 (width 16), 2.879
-           (24), 2.965 (32), 2.882 (48) nats/byte, so the approach-3 law is not identified by
-           these runs: 125-782 steps of 4,096 tokens are optimisation-limited, the regime the
-           law does not describe. Next: fewer tokens per step (batch 8 x 128 gives 4x the
-           steps per token) and budgets of 2,000 steps or more before widening the ladder.
+Expected:  measured (benchmarks/scaling-law-2026-12-06/): 10 of the 11 runs finished.
+           Validation loss in nats/byte at 512k tokens (125 steps), widths 16/24/32/48/64:
+           2.790, 2.879, 2.965, 2.882, 2.896; at 1.28M: 2.665, 2.626, 2.822, 2.745 (16-48);
+           width 16 at 3.2M: 2.474. Loss falls with D at every width but not with N: these
+           budgets are limited by optimisation, not capacity, so the approach-3 law is not
+           identified: the best fit has alpha -0.071, beta 0.086 (N with embeddings) or
+           alpha -0.059, beta 0.086 (without), and `bigmodel scaling fit` refuses both.
+           Next: 4x the steps per token (batch 8 x 128) and budgets of 2,000 steps or more.
 
 Plan:      widths 16, 24, 32, 48, 64 at two layers (head dim 8): 6.6k to 100k non-embedding
            parameters (15.2x; 15k to 133k with the tied 384-byte table and 128 positions, which
