@@ -9,6 +9,7 @@ Kaplan et al. 2020), the law L(N, D) = E + A/N^alpha + B/D^beta is fitted on the
 finished runs (Hoffmann et al.'s 4,500 starts) with a bootstrap over runs, and each held-out
 run gets its predicted loss, the 95% interval of the bootstrap replicates' predictions, the
 relative error of the prediction and whether the measurement falls inside the interval.
+A count whose best fit is not a law (alpha or beta <= 0) is reported as refused, with why.
 Prints one JSON object (and writes it to --out).
 """
 
@@ -25,6 +26,7 @@ from bigmodel.metrics import atomic_write_text
 from bigmodel.scaling import laws, results
 
 COUNTS = ("params", "params_nonembed")  # the two ways of counting N
+STARTS = {"hoffmann": laws.hoffmann_grid, "small": laws.small_grid}  # approach-3 starting grids
 
 
 def finished(workdir: str | Path) -> list[dict[str, str]]:
@@ -39,10 +41,16 @@ def data_for(rows: list[dict[str, str]], count: str) -> results.ScalingData:
 
 
 def check(sweep_rows: list[dict[str, str]], held_rows: list[dict[str, str]], count: str,
-          n_bootstrap: int, seed: int = 0) -> dict[str, Any]:
-    """Fit on the sweep with N = `count`, then predict every held-out run with a bootstrap interval."""
+          n_bootstrap: int, starts: str = "hoffmann", seed: int = 0) -> dict[str, Any]:
+    """Fit on the sweep with N = `count`, then predict every held-out run with a bootstrap interval.
+
+    A sweep whose best fit is not a law (alpha or beta <= 0) gets {'refused': why} instead.
+    """
     data = data_for(sweep_rows, count)
-    fit = laws.fit_approach3(data, starts=laws.hoffmann_grid())
+    try:
+        fit = laws.fit_approach3(data, starts=STARTS[starts]())
+    except results.ScalingDataError as e:
+        return {"refused": str(e)}
     boot = laws.bootstrap_approach3(data, fit, n_bootstrap, seed)
     s = boot.samples
     residuals = laws.approach3_residuals(data, fit)
@@ -73,6 +81,8 @@ def main() -> None:
     p.add_argument("sweep_dir")
     p.add_argument("holdout_dir")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples [default: %(default)s]")
+    p.add_argument("--starts", choices=sorted(STARTS), default="hoffmann",
+                   help="approach-3 starts: Hoffmann et al.'s 4,500 or 32 corners of them [default: %(default)s]")
     p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args()
     sweep_rows, held_rows = finished(args.sweep_dir), finished(args.holdout_dir)
@@ -81,7 +91,7 @@ def main() -> None:
     sweep_flops = max(float(r["flops"]) for r in sweep_rows)
     report = {"sweep_runs": len(sweep_rows), "sweep_max_flops": sweep_flops,
               "held_out_compute_ratio": [float(r["flops"]) / sweep_flops for r in held_rows],
-              **{count: check(sweep_rows, held_rows, count, args.bootstrap) for count in COUNTS}}
+              **{count: check(sweep_rows, held_rows, count, args.bootstrap, args.starts) for count in COUNTS}}
     text = json.dumps(report, indent=1) + "\n"
     if args.out:
         atomic_write_text(Path(args.out), text)

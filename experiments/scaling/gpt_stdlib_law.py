@@ -3,7 +3,7 @@ r"""Scaling sweep whose law holds out of sample: two-layer byte GPTs on the CPyt
 Command:   bigmodel sweep --config experiments/scaling/gpt_stdlib_law.py --workdir runs/law
            bigmodel sweep --config experiments/scaling/gpt_stdlib_law.py:holdout --workdir runs/law_holdout
            python benchmarks/scaling_holdout.py runs/law runs/law_holdout --out runs/law_holdout/check.json
-Hardware:  2 CPU cores; --parallel 2 (two runs at a time, one core each).
+Hardware:  2 CPU cores (the first run: 3-5 runs at a time, nice -n 5, on a loaded machine).
 Wall time: not measured on a quiet machine. Its first run (2026-12-06, nice -n 5 on 2 cores
            shared with load averages of 30-40) spent 10-15 minutes of wall time per run on
            start-up and compilation alone (about 20 CPU seconds each) and did not finish the
