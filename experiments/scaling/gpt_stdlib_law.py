@@ -18,7 +18,9 @@ Expected:  measured (benchmarks/scaling-law-2026-12-06/): 10 of the 11 runs fini
            budgets are limited by optimisation, not capacity, so the approach-3 law is not
            identified: the best fit has alpha -0.071, beta 0.086 (N with embeddings) or
            alpha -0.059, beta 0.086 (without), and `bigmodel scaling fit` refuses both.
-           Next: 4x the steps per token (batch 8 x 128) and budgets of 2,000 steps or more.
+           With batch 8 (4x the steps per token) width 64 beats width 16 at 2M tokens (2.165
+           against 2.425) but not at 512k (2.753 against 2.686): next, batch 8 and budgets
+           from 2M tokens up (benchmarks/scaling-law-2026-12-06/batch8.csv).
 
 Plan:      widths 16, 24, 32, 48, 64 at two layers (head dim 8): 6.6k to 100k non-embedding
            parameters (15.2x; 15k to 133k with the tied 384-byte table and 128 positions, which
