@@ -9,6 +9,11 @@
                                                   timed in alternating rounds (the ratio of
                                                   medians, and the quartiles of the
                                                   per-round ratios)
+  bigmodel bench generate --config … [--tokens 256,1024] [--prompt_len 8]
+                                                  new tokens/s of greedy decoding with the
+                                                  key/value cache against the recompute
+                                                  path, random weights, one prompt; the
+                                                  model's max_len grows to fit if needed
 """
 
 from __future__ import annotations
@@ -199,14 +204,16 @@ def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any
     data = data_lib.build(config, shard=(0, 1))
     it = iter(data.train)
     next(it)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    seconds = time.perf_counter() - start
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     units = batches * config.train.batch_size * data.units_per_example
     kind = "tokens" if data.units_per_example > 1 else "examples"
-    return {"name": f"data/{config.data.name}", f"{kind}_per_s": units / seconds, "batches": batches,
-            "seconds": seconds}
+    source = ",".join(config.data.sources) if "sources" in config.data and config.data.sources else config.data.name
+    return {"name": f"data/{source}", f"{kind}_per_s": units / seconds, "batches": batches,
+            "batch_size": config.train.batch_size, "seconds": seconds,
+            f"{kind}_per_cpu_s": units / max(cpu_s, 1e-9)}  # this process's CPU time: what other jobs don't change
 
 
 def _torch_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
@@ -259,6 +266,45 @@ def prepare_torch_gpt(config: ml_collections.ConfigDict) -> tuple[Callable[[], N
     return run_step, report
 
 
+def bench_generate(config: ml_collections.ConfigDict, new_tokens: int, prompt_len: int) -> dict[str, Any]:
+    """Seconds and tokens/s of `new_tokens` greedy tokens after a `prompt_len` prompt, cache (median
+    of three runs) against recompute (one run), each compiled first, outside the timing, and
+    whether their tokens agree."""
+    import jax
+    import jax.numpy as jnp
+
+    from bigmodel import generate, models
+
+    window = prompt_len + new_tokens  # the recompute path's window holds the whole run: identical tokens
+    with config.unlocked():
+        config.model.max_len = max(config.model.max_len, window)
+    module = models.build(config.model)
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    prompt = jax.random.randint(jax.random.key(1), (prompt_len,), 0, config.model.vocab_size).tolist()
+    settings = dict(max_len=window, temperature=0.0, top_k=0, vocab_limit=config.model.vocab_size, seed=0)
+
+    def timed(run: Callable[[], list[int]]) -> tuple[float, list[int]]:
+        start = time.perf_counter()
+        ids = run()
+        return time.perf_counter() - start, ids
+
+    cache_compile_s, _ = timed(lambda: generate.decode(module, variables, [prompt], max_tokens=new_tokens,
+                                                       **settings))
+    runs = [timed(lambda: generate.decode(module, variables, [prompt], max_tokens=new_tokens, **settings)[0])
+            for _ in range(3)]
+    cache_s, cached = statistics.median(t for t, _ in runs), runs[0][1]  # median of three: the cores are shared
+    generate.sample(module, variables, prompt, max_tokens=1, stop_id=None, **settings)  # compiles the window
+    recompute_s, recomputed = timed(lambda: generate.sample(module, variables, prompt, max_tokens=new_tokens,
+                                                            stop_id=None, **settings))
+    shape = {key: config.model[key] for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "position")}
+    return {"name": "generate", "model": config.model.name, **shape, "params": sum(a.size for a in
+            jax.tree.leaves(variables)), "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "cache_s": cache_s, "recompute_s": recompute_s, "cache_tokens_per_s": new_tokens / cache_s,
+            "recompute_tokens_per_s": new_tokens / recompute_s, "speedup": recompute_s / cache_s,
+            "cache_first_call_s": cache_compile_s, "identical_tokens": cached == recomputed,
+            "device": jax.devices()[0].device_kind}
+
+
 def _emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
@@ -275,6 +321,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.kind == "train":
         _emit(bench_train(config, args.steps, profile_dir=args.profile))
+        return 0
+    if args.kind == "generate":
+        if config.model.name != "gpt":
+            raise config_lib.ConfigError(f"bench generate needs a GPT config; config.model.name is "
+                                         f"{config.model.name!r}")
+        if args.prompt_len < 1:
+            raise config_lib.ConfigError("--prompt_len must be at least 1 (a prompt needs a token to start from)")
+        for new_tokens in _token_counts(args.tokens):
+            _emit(bench_generate(config, new_tokens, args.prompt_len))
         return 0
     if config.model.name != "gpt":
         print("bigmodel: bench compare needs a GPT config", file=sys.stderr)
@@ -293,13 +348,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_counts(text: str) -> list[int]:
+    """'256,1024' -> [256, 1024]; a one-line error for anything else."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise config_lib.ConfigError(f"--tokens {text!r} must be positive integers separated by commas, e.g. 256,1024")
+    return counts
+
+
 def register(sub: Any) -> None:
-    """Add `bigmodel bench {train,data,compare}`."""
+    """Add `bigmodel bench {train,data,compare,generate}`."""
     p = sub.add_parser("bench", help="benchmarks that print JSON figures")
-    p.add_argument("kind", choices=("train", "data", "compare"))
+    p.add_argument("kind", choices=("train", "data", "compare", "generate"))
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (median reported)")
     p.add_argument("--batches", type=int, default=200, help="batches for 'data'")
     p.add_argument("--profile", default="", metavar="DIR",
                    help="'train': also trace --steps steps into DIR and add where the time goes to the JSON")
+    p.add_argument("--tokens", default="256,1024", help="'generate': new tokens per run, comma-separated")
+    p.add_argument("--prompt_len", "--prompt-len", type=int, default=8, help="'generate': prompt tokens")
     p.set_defaults(func=cmd_bench, takes_overrides=True)

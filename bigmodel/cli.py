@@ -15,7 +15,8 @@ from bigmodel.config import ConfigError
 
 # Modules that add their own subcommands through `register(subparsers)`.
 COMMAND_MODULES = ("bigmodel.scaling.cli", "bigmodel.launch", "bigmodel.plan", "bigmodel.scaling.sweep", "bigmodel.hf",
-                   "bigmodel.seq2seq_eval", "bigmodel.bench")
+                   "bigmodel.seq2seq_eval", "bigmodel.bench", "bigmodel.prepare",
+                   "bigmodel.eval.cli")
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "BIGMODEL_DEBUG"
 # Errors a user causes with a wrong path, printed as one line like config errors.
@@ -80,13 +81,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a workdir's latest checkpoint."""
+    import json
+
     from bigmodel import generate
 
-    text = generate.generate_from_workdir(
-        args.workdir, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-        top_k=args.top_k, seed=args.seed, step=args.step,
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"bigmodel generate: --top_p {args.top_p} must be in (0, 1] (1 keeps every id); "
+                         "see bigmodel generate --help")
+    prompts = args.prompt or [""]
+    texts = generate.generate_texts(
+        args.workdir, prompts, max_tokens=args.max_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, stop=args.stop or (), seed=args.seed, step=args.step,
+        cache=not args.no_cache,
     )
-    print(text)
+    if len(texts) == 1:
+        print(texts[0])
+    else:  # one JSON object per prompt, in order
+        for prompt, text in zip(prompts, texts):
+            print(json.dumps({"prompt": prompt, "text": text}))
     return exit_codes.OK
 
 
@@ -137,10 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample from the latest checkpoint of a workdir")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="repeat for a batch (decoded together; printed as one JSON line each)")
     p.add_argument("--max_tokens", "--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", "--top-k", type=int, default=40, help="0 samples from the whole vocabulary")
+    p.add_argument("--top_p", "--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of ids holding this probability (1: all)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop before this text (repeatable); the end-of-document token always stops")
+    p.add_argument("--no_cache", "--no-cache", action="store_true",
+                   help="recompute the whole window for every token instead of using the key/value cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_generate)
@@ -219,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print("bigmodel: interrupted", file=sys.stderr, flush=True)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -380,6 +380,32 @@ def _check_sequence_axis(data: ml_collections.ConfigDict, sequence: int) -> None
             )
 
 
+TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+    """(first step, steps) of a 'START:COUNT' train.profile_steps value; None for ''."""
+    if not text:
+        return None
+    start, sep, count = text.partition(":")
+    if not (sep and start.isdigit() and count.isdigit() and int(start) >= 1 and int(count) >= 1):
+        raise ConfigError(f"config.train.profile_steps={text!r}; write START:COUNT with START, COUNT >= 1 (e.g. "
+                          "'10:5' traces steps 10 to 14), or '' for no trace")
+    return int(start), int(count)
+
+
+def _check_run_options(config: ml_collections.ConfigDict) -> None:
+    """Refuse a malformed profile window, an unknown tracker, and evaluation tasks on a task they cannot score."""
+    if "profile_steps" in config.train:  # configs saved before the key existed lack it
+        profile_window(config.train.profile_steps)
+    for name in config.log.trackers if "trackers" in config.log else ():
+        if name not in TRACKERS:
+            raise ConfigError(f"config.log.trackers names {name!r}; use any of {', '.join(TRACKERS)}")
+    if "tasks" in config.eval and config.eval.tasks and config.task != "lm":
+        raise ConfigError(f"config.eval.tasks score language models, but config.task={config.task!r}; "
+                          "set --config.eval.tasks='()'")
+
+
 def _check_data_source(data: ml_collections.ConfigDict) -> None:
     """A text_files source must name existing files ('' is this Python's standard library)."""
     if "source" not in data or not data.source or "name" not in data or data.name != "text_files":
@@ -402,6 +428,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     models.check(config.model)
     check_values(config)
     _check_data_source(config.data)
+    _check_run_options(config)
     sizes = mesh_shape(config.mesh, num_devices)
     batch_axes = math.prod(sizes[a] for a in BATCH_AXES)
     batch_name = "*".join(BATCH_AXES)

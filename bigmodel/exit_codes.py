@@ -6,3 +6,4 @@ USAGE = 2  # bad command line, config or path: refused before anything started
 NONFINITE = 3  # the loss or the gradients stopped being finite: halted without saving
 CHECKPOINT = 74  # EX_IOERR: a checkpoint could not be written (the previous one is intact)
 PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving a checkpoint; run again to resume
+INTERRUPTED = 130  # Ctrl-C (KeyboardInterrupt) outside the trainer's signal handling: 128 + SIGINT, as shells report

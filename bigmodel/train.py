@@ -322,7 +322,9 @@ class Prepared:
             start = time.time()
             jitted = jax.jit(step, in_shardings=(self.shardings, batch_sh, repl),
                              out_shardings=(self.shardings, repl), donate_argnums=0)
-            self.lowered = jitted.lower(self.abstract_state(), self.batch, jax.eval_shape(jax.random.key, 0))
+            # The key's abstract value is taken from step_rng itself, so it follows the PRNG implementation in force
+            # now (eval_shape of a fixed function may be served from a cache traced under another one).
+            self.lowered = jitted.lower(self.abstract_state(), self.batch, jax.eval_shape(lambda: self.step_rng))
             self.train_step = self.lowered.compile()
             self.compile_s = time.time() - start
         self.eval_step = jax.jit(make_eval_step(self.module, self.task), in_shardings=(self.shardings, batch_sh),
@@ -615,7 +617,65 @@ def evaluate_now(run: Prepared, state: TrainState, step: int) -> dict[str, float
     if jax.process_index() == 0:
         n = run.config.eval.num_batches
         tqdm.tqdm.write(f"step {step}: evaluating on {f'{n} batches' if n > 0 else 'the whole split'}", file=sys.stdout)
-    return evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+    return evaluate_all(run, state)
+
+
+def evaluate_all(run: Prepared, state: TrainState) -> dict[str, float]:
+    """`evaluate` on the run's held-out split, then on each of config.eval.sets as '<set>/<metric>'."""
+    result = evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+    for name, batches in run.data.eval_sets.items():
+        result.update({f"{name}/{k}": v for k, v in evaluate(run.eval_step, state, batches(), run.mesh).items()})
+    return result
+
+
+def task_evaluators(run: Prepared) -> list:
+    """The config.eval.tasks evaluators (bigmodel.eval.tasks), their files read once; [] when there are none."""
+    if not run.config.eval.tasks:
+        return []
+    from bigmodel.eval import scoring, tasks as eval_tasks
+
+    scorer = scoring.Scorer(run.module, run.mesh, run.rules, seq_len=scoring.window(run.config),
+                            batch_size=run.config.eval.batch_size, eod_id=run.data.tokenizer.eod_id)
+    validation = lambda state: evaluate(run.eval_step, state, run.data.eval_batches(), run.mesh)
+    return eval_tasks.build(run.config.eval.tasks, tokenizer=run.data.tokenizer, scorer=scorer, validation=validation)
+
+
+def evaluate_tasks(evaluators: list, state: TrainState, step: int, workdir: pathlib.Path) -> dict[str, float]:
+    """Run the config.eval.tasks evaluators; WORKDIR/eval/step_STEP.json gets the results, the row their means."""
+    from bigmodel.eval import scoring, tasks as eval_tasks
+
+    results = eval_tasks.run_all(evaluators, {"params": state.params, **state.model_state}, state)
+    if jax.process_index() == 0:
+        scoring.write_results(workdir, step, results)
+    return {f"eval_{k}": v for k, v in eval_tasks.flat(results).items()}
+
+
+class Profile:
+    """A jax.profiler trace of training steps START..START+COUNT-1 (train.profile_steps) into WORKDIR/profile."""
+
+    def __init__(self, window: tuple[int, int] | None, directory: pathlib.Path) -> None:
+        self.first, self.last = (window[0], window[0] + window[1] - 1) if window else (0, -1)
+        self.directory, self.active = directory, False
+
+    def before(self, step: int) -> None:
+        """Start tracing if `step` (about to run) opens the window."""
+        if step == self.first:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.active = True
+
+    def after(self, step: int, state: Any) -> None:
+        """Stop once `step` (just dispatched) closes the window, after it finished on the devices."""
+        if self.active and step >= self.last:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        """End the trace (also when the run stops inside the window)."""
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+            print(f"profile of steps {self.first}-{self.last} written to {self.directory}", flush=True)
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
@@ -643,6 +703,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     # Data: each process keeps its own rows of every global batch (processes whose devices
     # hold the same rows, across a 'sequence' or 'tensor' axis, load the same ones).
     run = prepare(config, mesh, data=True, steps=False)
+    evaluators = task_evaluators(run)  # a bad task file stops the run before anything compiles
     train_iter = iter(run.data.train)
     params_total = flops.param_count(run.abstract.params)
     params_embed = flops.embedding_param_count(run.abstract.params)
@@ -671,7 +732,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
 
         # The loop. Checks that need the host (non-finite values, preemption) happen at log
         # and save boundaries so the device queue stays full in between.
-        writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, start_step, enabled=lead)))
+        writer = metrics.MetricsWriter(workdir, start_step, enabled=lead, trackers=tuple(config.log.trackers),
+                                       project=config.log.project, tracking_uri=config.log.tracking_uri,
+                                       config=config.to_dict(), run_info=header)
+        stack.push(writer.exit)  # on an error the trackers end their runs here; else after the summary
         bar = stack.enter_context(tqdm.tqdm(total=config.train.steps, initial=start_step, unit="step",
                                             disable=not (lead and config.log.progress), dynamic_ncols=True,
                                             mininterval=1.0))
@@ -679,11 +743,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         watch = stack.enter_context(PreemptionWatch())
         batches = DevicePrefetch(train_iter, lambda local: sharding.global_batch(local, mesh))
         rng, step, window_start, window_steps = run.step_rng, start_step, time.time(), 0
+        profile = Profile(config_lib.profile_window(config.train.profile_steps), workdir_path / "profile")
+        stack.callback(profile.stop)
         last_eval: dict[str, float] = {}
         flags: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) since the last check
         while step < config.train.steps:
+            profile.before(step + 1)
             state, mets = run.train_step(state, next(batches), rng)
             step += 1
+            profile.after(step, state)
             window_steps += 1
             flags.append((step, mets["nonfinite"][0]))
             bar.update(1)
@@ -696,6 +764,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                 if step % config.eval.every == 0 or is_last:
                     last_eval = evaluate_now(run, state, step)
                     row.update({f"eval_{k}": v for k, v in last_eval.items()})
+                    if evaluators:
+                        row.update(evaluate_tasks(evaluators, state, step, workdir_path))
                 writer.write(step, row)
                 shown = {"eval_bpb": f"{last_eval['bits_per_byte']:.3f}"} if "bits_per_byte" in last_eval else {}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", **shown)
@@ -711,7 +781,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
                 # Throughput windows exclude evaluation and the (synchronous part of) saving.
                 window_start, window_steps = time.time(), 0
         if not last_eval:  # nothing left to train: evaluate what the checkpoint holds
-            last_eval = evaluate(run.eval_step, state, run.data.eval_batches(), mesh)
+            last_eval = evaluate_all(run, state)
 
     # The summary.
     summary = {
@@ -727,6 +797,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
         "wall_s": time.time() - wall_start,
         "compile_s": run.compile_s,
     }
+    writer.finish(summary)
     if lead:
         write_json(workdir_path / "summary.json", summary)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items())

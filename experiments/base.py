@@ -52,11 +52,15 @@ def config() -> ml_collections.ConfigDict:
     c.train.batch_size = 32  # global: split over the data, fsdp and expert axes
     c.train.grad_accum = 1  # microbatches per step (batch_size must divide by it)
     c.train.on_nonfinite = "halt"  # 'halt' names the step and stops; 'skip' drops that update and counts it
+    c.train.profile_steps = ""  # 'START:COUNT' traces steps START.. (jax.profiler) into WORKDIR/profile; '' = off
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 400  # steps; a multiple of log.every (and always at the last step)
     c.eval.batch_size = 32
     c.eval.num_batches = 40  # 0 = the whole held-out split, where the task has a fixed one
+    c.eval.sets = ()  # language models: more held-out token stores (their validation splits), reported per set
+    # Language models: bigmodel.eval tasks run with each evaluation ('validation', 'text:PATH', 'mc:FILE.jsonl').
+    c.eval.tasks = ()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 400
@@ -67,6 +71,10 @@ def config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.every = 20  # steps between metrics.jsonl rows
     c.log.progress = True  # a progress line on the terminal
+    # Where the rows go: 'jsonl' (metrics.jsonl), 'tensorboard', 'wandb', 'mlflow' (pip install 'bigmodel[trackers]').
+    c.log.trackers = ("jsonl", "tensorboard")
+    c.log.project = "bigmodel"  # W&B project / MLflow experiment
+    c.log.tracking_uri = ""  # MLflow server; '' = MLFLOW_TRACKING_URI or ./mlruns (W&B: WANDB_MODE, WANDB_BASE_URL)
 
     c.init = ml_collections.ConfigDict()
     c.init.workdir = ""  # start from another run's latest checkpoint (fine-tuning); '' = from scratch
@@ -100,6 +108,10 @@ def text_data() -> ml_collections.ConfigDict:
     d.spm_vocab_size = 4096
     d.seq_len = 128
     d.prefetch = 0  # batches prefetched by a background thread
+    # Prepared token stores (`bigmodel prepare`); when set they replace name/source above, and
+    # tokenizer is 'store' (the stores' own) or the tokenizer they must have been prepared with.
+    d.sources = ()  # store directories; several are mixed
+    d.weights = ()  # mixture weights, one per store; () = equal
     return d
 
 

@@ -101,3 +101,20 @@ def test_profile_without_per_operation_events_says_what_is_missing(tmp_path, cap
     prof = bench_lib.profile(lambda: None, 1, str(tmp_path), "%dot.1 = f32[2] dot(), metadata={op_name=\"x\"}")
     assert prof["ops_ms_per_step"] == 0 and prof["top_ops"] == []
     assert "--xla_cpu_enable_xprof_traceme=true in XLA_FLAGS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_generate_times_both_paths_on_the_same_tokens(capsys):
+    rows = bench(capsys, "generate", [], "--tokens", "5,9", "--prompt_len", "3")
+    assert [r["new_tokens"] for r in rows] == [5, 9]
+    for r in rows:
+        assert r["identical_tokens"] is True
+        assert r["cache_tokens_per_s"] == pytest.approx(r["new_tokens"] / r["cache_s"])
+        assert r["speedup"] == pytest.approx(r["recompute_s"] / r["cache_s"])
+
+
+@pytest.mark.parametrize("tokens", ["0", "256,x", ""])
+def test_bench_generate_refuses_bad_token_counts(capsys, tokens):
+    assert cli.main(["bench", "generate", "--config", GPT_TINY + ":tiny", "--tokens", tokens]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--tokens" in err and "256,1024" in err

@@ -6,8 +6,11 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bigmodel import cli, config as config_lib, generate, hf, metrics
+from bigmodel import checkpoint, cli, config as config_lib, generate, hf, metrics
 from bigmodel.config import ConfigError
 from bigmodel.data import pipeline, tokenizers
 
@@ -49,6 +52,20 @@ def hf_bert(seed: int = 0) -> torch.nn.Module:
                                   num_attention_heads=SMALL["heads"], intermediate_size=128, vocab_size=VOCAB,
                                   max_position_embeddings=64)
     return randomise(transformers.BertForMaskedLM(cfg), seed)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def hf_llama(kv_heads: int = 2, tie: bool = False, rope: dict | None = None, seed: int = 0) -> torch.nn.Module:
+    """A small LlamaForCausalLM: GQA with `kv_heads`, theta 5000, the given rope scaling."""
+    cfg = transformers.LlamaConfig(
+        hidden_size=SMALL["d"], num_hidden_layers=SMALL["layers"], num_attention_heads=SMALL["heads"],
+        num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=64,
+        tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None,
+        rope_parameters={"rope_theta": 5000.0, **(rope or {"rope_type": "default"})})
+    return randomise(transformers.LlamaForCausalLM(cfg), seed)
 
 
 def torch_logits(model: torch.nn.Module, ids: np.ndarray, bert: bool = False) -> np.ndarray:
@@ -89,6 +106,57 @@ def test_gpt2_import_and_export_match_transformers(tmp_path, tie):
     back, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert max_diff(ours, torch_logits(back.eval(), IDS)) < 1e-4
+
+
+@pytest.mark.parametrize("kv_heads,tie,rope", [(2, False, None), (1, False, LLAMA3_ROPE),
+                                              (4, True, {"rope_type": "linear", "factor": 4.0})],
+                         ids=["llama2-gqa", "llama3-scaling-mqa", "linear-scaling-tied"])
+def test_llama_import_and_export_match_transformers(tmp_path, kv_heads, tie, rope):
+    ref = hf_llama(kv_heads, tie, rope)
+    ref.save_pretrained(tmp_path / "hf")
+    module, params = hf.from_pretrained(tmp_path / "hf")
+    cfg = module.cfg
+    assert (cfg.position, cfg.norm, cfg.activation, cfg.use_bias) == ("rope", "rmsnorm", "swiglu", False)
+    assert cfg.rope_base == 5000.0 and cfg.num_kv_heads == (0 if kv_heads == 4 else kv_heads)
+    assert cfg.rope_scaling == (rope or {"rope_type": "none"})["rope_type"] and cfg.tie_embeddings is tie
+    assert params["block_0"]["attn"]["key_kernel"].shape == (64, kv_heads, 16) and ("lm_head" in params) is not tie
+    ours = our_logits(module, params, IDS)
+    assert max_diff(ours, torch_logits(ref, IDS)) < 1e-4
+    if rope:  # the scaling matters at these positions: without it the logits differ
+        plain = module.clone(cfg=dataclasses.replace(cfg, rope_scaling="none"))
+        assert np.abs(our_logits(plain, params, IDS) - ours).max() > 1e-2
+
+    hf.save_pretrained(module, params, tmp_path / "ours")
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert type(back).__name__ == "LlamaForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert max_diff(ours, torch_logits(back.eval(), IDS)) < 1e-4
+
+
+def test_llama_model_without_head_keeps_the_body(tmp_path):
+    ref = hf_llama(seed=8)
+    ref.model.save_pretrained(tmp_path / "hf")  # LlamaModel: no lm_head.weight
+    with pytest.warns(UserWarning, match="no lm_head"):
+        _, params = hf.from_pretrained(tmp_path / "hf")
+    np.testing.assert_array_equal(params["block_1"]["mlp"]["fc_gate"]["kernel"],
+                                  ref.model.layers[1].mlp.gate_proj.weight.detach().numpy().T)
+    assert params["lm_head"]["kernel"].shape == (64, VOCAB) and float(np.std(params["lm_head"]["kernel"])) > 0
+
+
+def test_llama_config_spellings_and_refusals():
+    """transformers 4's rope_theta/rope_scaling spelling reads as 5's rope_parameters; what we cannot run is refused."""
+    v5 = hf_llama(rope=LLAMA3_ROPE).config.to_dict()
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    v4 |= {"rope_theta": 5000.0, "rope_scaling": {"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items()
+                                                                      if k != "rope_type"}}}
+    assert hf.model_config(v4).to_dict() == hf.model_config(v5).to_dict()
+    assert hf.model_config(v4).rope_original_max_len == 16 and hf.model_config(v4).rope_factor == 8.0
+    with pytest.raises(ValueError, match="rope scaling type 'yarn'"):
+        hf.model_config(v5 | {"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        hf.model_config(v5 | {"attention_bias": True})
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        hf.model_config(v5 | {"hidden_act": "gelu"})
 
 
 def test_gpt2_pytorch_bin_and_scanned_layers(tmp_path):
@@ -162,8 +230,8 @@ def test_unsupported_configs_are_refused(tmp_path):
     bert = hf_bert().config.to_dict()
     with pytest.raises(ValueError, match="hidden_act='silu'"):
         hf.model_config(bert | {"hidden_act": "silu"})
-    with pytest.raises(ValueError, match="model_type='llama'"):
-        hf.model_config({"model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        hf.model_config({"model_type": "mistral"})
 
 
 def test_config_load_accepts_a_workdir_config_json(tmp_path):
@@ -289,3 +357,177 @@ def test_import_hf_then_generate_and_fine_tune(tmp_path, tiny_overrides, capsys)
     assert rows[0]["loss"] == pytest.approx(expected, rel=1e-4)
     assert math.isfinite(rows[1]["loss"])
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["0", "2"]
+
+    # The trained step-2 weights, exported, compute in transformers what our model computes.
+    assert cli.main(["export-hf", "--workdir", str(work), "--out", str(tmp_path / "exported")]) == 0
+    module, params = hf.from_pretrained(tmp_path / "exported")
+    trained = checkpoint.Checkpointer(work, keep=1, async_save=False)
+    jax.tree.map(np.testing.assert_array_equal, params, trained.restore_raw(2)["params"])
+    trained.close()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert max_diff(our_logits(module, params, IDS), torch_logits(back, IDS)) < 1e-4
+
+
+def test_export_hf_loads_in_transformers_with_its_tokenizer(tmp_path, tiny_overrides, capsys):
+    """import-hf (byte tokenizer) then export-hf: Auto classes load the folder; logits and token ids agree."""
+    ref = hf_llama(rope=LLAMA3_ROPE, seed=4)
+    ref.save_pretrained(tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "w", GPT_TINY + ":tiny", tiny_overrides)
+    assert cli.main(["export-hf", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 0
+    assert "AutoModelForCausalLM" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "LlamaForCausalLM" and back.config.eos_token_id == 256
+    assert max_diff(torch_logits(back, IDS), torch_logits(ref, IDS)) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "def f(x):\n    return 'héllo' + x  # ☃\n"
+    ids = tok(text)["input_ids"]
+    assert ids == tokenizers.ByteTokenizer().encode(text).tolist() and tok.decode(ids) == text
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 256
+
+    # Refusals leave nothing behind: an occupied --out, a run that is not a checkpointed model.
+    assert cli.main(["export-hf", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert cli.main(["export-hf", "--workdir", str(tmp_path / "hf"), "--out", str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def hub_cache_entry(cache, name: str, model: torch.nn.Module) -> None:
+    """Put `model` into a Hugging Face Hub cache as repository `name` (the layout huggingface_hub writes)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + name.replace("/", "--"))
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_import_hf_from_the_hub_offline(tmp_path, tiny_overrides, monkeypatch):
+    """A Hub name: offline and uncached, a one-line error saying how to pass a directory; cached, it imports."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "home"))
+    cmd = [sys.executable, "-c", "import sys; from bigmodel import cli; sys.exit(cli.main())", "import-hf", "--from",
+           "tiny-org/tiny-llama", "--workdir", str(tmp_path / "w")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "tiny-org/tiny-llama" in line and "HF_HUB_OFFLINE is set" in line and "--from DIR" in line
+    assert not (tmp_path / "w").exists()
+
+    import huggingface_hub
+
+    hub_cache_entry(tmp_path / "cache", "tiny-org/tiny-llama", hf_llama(seed=5))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    config = hf.import_hf("tiny-org/tiny-llama", tmp_path / "w", GPT_TINY + ":tiny", tiny_overrides)
+    assert config.model.position == "rope" and config.model.num_kv_heads == 2
+    assert (tmp_path / "w" / "checkpoints" / "0").is_dir()
+
+
+def wordpiece_tokenizer(path, vocab_size: int = 600) -> None:
+    """A small BERT-style WordPiece tokenizer.json ([PAD] = 0, [UNK], [CLS], [SEP], [MASK]) learnt on stdlib text."""
+    import glob
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from conftest import SMALL_CORPUS
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    texts = [pathlib.Path(f).read_text(encoding="utf-8") for f in sorted(glob.glob(SMALL_CORPUS))]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    tok.save(str(path))
+
+
+@pytest.mark.slow
+def test_imported_bert_fine_tunes_with_its_wordpiece_vocabulary(tmp_path, data_dir, capsys):
+    """import-hf a BERT (with pooler) and its WordPiece tokenizer under bert_classify, then train on the stdlib task."""
+    from tokenizers import Tokenizer
+
+    from bigmodel import data as data_lib
+
+    from conftest import REPO
+
+    (tmp_path / "hf").mkdir()
+    wordpiece_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    wp = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    special = {t: wp.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")}
+    assert special["[PAD]"] == 0 and max(special.values()) < 5
+    cfg = transformers.BertConfig(hidden_size=SMALL["d"], num_hidden_layers=SMALL["layers"],
+                                  num_attention_heads=SMALL["heads"], intermediate_size=128,
+                                  vocab_size=wp.get_vocab_size(), max_position_embeddings=64)
+    ref = transformers.BertForPreTraining(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+
+    work = tmp_path / "work"
+    classify = str(REPO / "experiments" / "bert_classify.py") + ":tiny"
+    assert cli.main(["import-hf", "--from", str(tmp_path / "hf"), "--workdir", str(work), "--config", classify,
+                     f"--config.data.data_dir={data_dir}", "--config.log.progress=false"]) == 0
+    config = config_lib.load(str(work / "config.json"))
+    assert (config.task, config.model.head, config.model.num_classes) == ("classify", "classify", 8)
+    assert config.model.vocab_size == wp.get_vocab_size() and config.data.tokenizer.endswith("tokenizer.json")
+
+    # Step 0: the checkpoint's encoder and pooler; the classifier head is new.
+    saved = checkpoint.Checkpointer(work, keep=1, async_save=False)
+    params = saved.restore_raw(0)["params"]
+    saved.close()
+    np.testing.assert_array_equal(params["bert"]["embeddings"]["word"]["embedding"],
+                                  ref.bert.embeddings.word_embeddings.weight.detach().numpy())
+    np.testing.assert_array_equal(params["bert"]["pooler"]["kernel"], ref.bert.pooler.dense.weight.detach().numpy().T)
+    assert params["head"]["kernel"].shape == (SMALL["d"], 8)
+
+    # Rows are framed with the vocabulary's own [CLS] … [SEP], not ids appended after it.
+    data = data_lib.build(config, shard=(0, 1))
+    rows = next(iter(data.train))["inputs"]
+    assert (rows[:, 0] == special["[CLS]"]).all() and (rows == special["[SEP]"]).sum(axis=1).min() == 1
+    assert rows.max() < wp.get_vocab_size() and (rows[:, 1:] == special["[CLS]"]).sum() == 0
+    text = data.tokenizer.decode(rows[0])
+    assert wp.encode(text, add_special_tokens=False).ids[:5] == rows[0, 1:6].tolist()
+
+    assert cli.main(["train", "--config", str(work / "config.json"), "--workdir", str(work)]) == 0
+    rows = metrics.read_jsonl(work / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10] and all(math.isfinite(r["loss"]) for r in rows)
+    summary = json.loads((work / "summary.json").read_text())
+    assert 0 <= summary["eval_accuracy"] <= 1 and math.isfinite(summary["eval_loss"])
+
+
+def test_export_hf_bert_with_its_wordpiece_tokenizer(tmp_path, tiny_overrides):
+    """An imported BERT (MLM) exports as BertForMaskedLM whose AutoTokenizer knows [MASK], [CLS] and [SEP]."""
+    from conftest import REPO
+
+    (tmp_path / "hf").mkdir()
+    wordpiece_tokenizer(tmp_path / "hf" / "tokenizer.json", VOCAB)
+    ref = hf_bert(seed=6)
+    ref.save_pretrained(tmp_path / "hf")
+    stdlib = str(REPO / "experiments" / "bert_stdlib.py") + ":tiny"
+    hf.import_hf(tmp_path / "hf", tmp_path / "w", stdlib, tiny_overrides)
+    hf.export_hf(tmp_path / "w", tmp_path / "out")
+    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "BertForMaskedLM"
+    assert max_diff(torch_logits(back, IDS_PADDED, bert=True), torch_logits(ref, IDS_PADDED, bert=True)) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (tok.mask_token, tok.cls_token, tok.sep_token, tok.pad_token) == ("[MASK]", "[CLS]", "[SEP]", "[PAD]")
+    ids = tok("def message_from_string(s):")["input_ids"]
+    ours = tokenizers.HFTokenizer(tmp_path / "w" / "tokenizer.json")
+    assert ids == [ours.token_id("[CLS]"), *ours.encode("def message_from_string(s):").tolist(), ours.token_id("[SEP]")]
+
+
+def test_export_hf_bert_on_bytes_keeps_the_appended_specials(tmp_path, tiny_overrides):
+    """A byte-vocabulary BERT's [MASK], [CLS], [SEP] (ids 257-259) reach AutoTokenizer at the same ids."""
+    from conftest import REPO
+
+    hf_bert(seed=7).save_pretrained(tmp_path / "hf")  # no tokenizer.json: the byte tokenizer
+    hf.import_hf(tmp_path / "hf", tmp_path / "w", str(REPO / "experiments" / "bert_stdlib.py") + ":tiny",
+                 tiny_overrides)
+    hf.export_hf(tmp_path / "w", tmp_path / "out")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (tok.mask_token_id, tok.cls_token_id, tok.sep_token_id) == (257, 258, 259)
+    assert tok("é[MASK]", add_special_tokens=False)["input_ids"] == [0xC3, 0xA9, 257]

@@ -7,7 +7,7 @@ import pytest
 import tqdm
 from tensorboard.backend.event_processing import event_accumulator
 
-from bigmodel import checkpoint, cli, generate, metrics, train
+from bigmodel import checkpoint, cli, exit_codes, generate, metrics, train
 
 from conftest import GPT_TINY
 
@@ -111,8 +111,7 @@ def test_an_interrupted_run_closes_what_it_opened_and_resumes(tmp_path, tiny_ove
                                   "checkpoint.async_save=true"]
     with monkeypatch.context() as m:
         m.setattr(train, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C at step 4's eval
-        with pytest.raises(KeyboardInterrupt):
-            train_cli(tmp_path, overrides)
+        assert train_cli(tmp_path, overrides) == exit_codes.INTERRUPTED  # one line, no traceback
     assert list(dict.fromkeys(closed)) == ["bar", "writer", "checkpointer"]  # each closed, in this order first
     # Closing finished the asynchronous save of step 2; the row of step 4 was never written.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
@@ -146,3 +145,20 @@ def test_bad_override_exits_with_a_message(tmp_path, capsys):
 def test_vocabulary_too_small_for_the_tokenizer(tmp_path, tiny_overrides, capsys):
     assert train_cli(tmp_path, tiny_overrides + ["model.vocab_size=128"]) == 2
     assert "tokenizer has 257 ids but config.model.vocab_size=128" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_cli_batches_stops_and_matches_the_recompute_path(tiny_run, capsys):
+    argv = ["generate", "--workdir", str(tiny_run), "--prompt", "def ", "--prompt", "import os\n", "--max_tokens",
+            "24", "--temperature", "0"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["def ", "import os\n"]
+    assert all(r["text"].startswith(r["prompt"]) for r in rows)
+    assert cli.main([*argv, "--no_cache"]) == 0  # the recompute path, prompt by prompt
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    continuation = rows[0]["text"][len("def "):]
+    assert len(continuation) >= 6
+    stop = continuation[4:6]
+    text = generate.generate_from_workdir(str(tiny_run), "def ", max_tokens=24, temperature=0.0, stop=[stop])
+    assert text == "def " + continuation[:continuation.find(stop)]

@@ -35,6 +35,8 @@ class Data:
     units_per_example: int = 1  # tokens per example for token tasks (throughput, FLOPs)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # baselines etc., copied to summary.json
     tokenizer: Any = None
+    # config.eval.sets: more held-out sets by name, each a fresh pass per call (loss, bits/byte per set)
+    eval_sets: dict[str, Callable[[], Iterator[dict]]] = dataclasses.field(default_factory=dict)
 
 
 def build(config: ml_collections.ConfigDict, shard: tuple[int, int]) -> Data:

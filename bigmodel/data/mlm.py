@@ -1,7 +1,8 @@
 """Masked-language-model data: packed text in [CLS] … [SEP] rows, BERT's 80/10/10 masking.
 
 Ids: the tokenizer's own ids [0, V_tok), then three specials appended after them
-(`SpecialIds.after`): MASK = V_tok, CLS = V_tok + 1, SEP = V_tok + 2; with the byte
+(`SpecialIds.after`): MASK = V_tok, CLS = V_tok + 1, SEP = V_tok + 2 (a vocabulary with its
+own [PAD] = 0, [MASK], [CLS] and [SEP], as BERT's WordPiece, uses those: `SpecialIds.of`); with the byte
 tokenizer (V_tok = 257, end-of-document 256) that is 257, 258, 259, so a BERT needs
 model.vocab_size ≥ 260. Id 0 is padding (the models mask keys holding it): it is the NUL
 byte, which source text does not contain, and SentencePiece's <unk>, which byte fallback
@@ -37,6 +38,7 @@ from bigmodel.config import ConfigError
 from bigmodel.data import pipeline, tokenizers
 
 NUM_SPECIALS = 3  # MASK, CLS, SEP
+OWN_SPECIALS = ("[PAD]", "[MASK]", "[CLS]", "[SEP]")  # a WordPiece vocabulary's, in SpecialIds.of's order
 PAD_ID = 0
 EVAL_MASK_SEED = 0  # evaluation masks do not depend on the run's seed, so runs compare on one set
 
@@ -56,6 +58,25 @@ class SpecialIds:
         """MASK, CLS and SEP as the three ids following the tokenizer's vocabulary."""
         v = tokenizer.vocab_size
         return cls(pad=PAD_ID, mask=v, cls=v + 1, sep=v + 2, vocab_end=v)
+
+    @classmethod
+    def of(cls, tokenizer: tokenizers.Tokenizer) -> SpecialIds:
+        """The tokenizer's own [PAD], [MASK], [CLS] and [SEP] where it has them all (a BERT WordPiece
+        vocabulary, e.g. an imported checkpoint's), else three ids appended after it (`after`)."""
+        token_id = getattr(tokenizer, "token_id", None)
+        own = [token_id(t) for t in OWN_SPECIALS] if token_id else [None]
+        if any(i is None for i in own):
+            return cls.after(tokenizer)
+        pad, mask, cls_id, sep = own
+        if pad != PAD_ID:
+            raise ConfigError(f"the tokenizer has [PAD] at id {pad}, but bigmodel's BERT masks id {PAD_ID} as "
+                              "padding; use a vocabulary whose [PAD] is id 0 (as BERT's)")
+        return cls(pad=pad, mask=mask, cls=cls_id, sep=sep, vocab_end=tokenizer.vocab_size)
+
+    @property
+    def vocab_needed(self) -> int:
+        """The smallest model vocabulary that holds the tokenizer's ids and these."""
+        return max(self.vocab_end, self.mask + 1, self.cls + 1, self.sep + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +146,7 @@ def mlm_dataset(
     if seq_len < 3:
         raise ConfigError(f"config.data.seq_len={seq_len} leaves no room for text between [CLS] and [SEP]")
     rows = slice(index * batch_size // count, (index + 1) * batch_size // count)
-    ids = SpecialIds.after(tokenizer)
+    ids = SpecialIds.of(tokenizer)
     ds = grain.MapDataset.source(docs)
     if seed is not None:
         ds = ds.shuffle(seed=seed).repeat(None)
@@ -165,7 +186,7 @@ def build(config: ml_collections.ConfigDict, shard: tuple[int, int]):
     cfg = config.data
     source = pipeline.text_source(cfg)
     tokenizer = pipeline.make_tokenizer(cfg, source)
-    pipeline.check_vocab(tokenizer, config.model, extra=NUM_SPECIALS)
+    pipeline.check_vocab(tokenizer, config.model, extra=SpecialIds.of(tokenizer).vocab_needed - tokenizer.vocab_size)
     masking = Masking.from_config(cfg)
     common = {"text_key": source.text_key, "seq_len": cfg.seq_len, "masking": masking, "shard": shard}
     train = mlm_dataset(source.train, tokenizer, batch_size=config.train.batch_size, seed=config.seed,
@@ -179,7 +200,7 @@ def build(config: ml_collections.ConfigDict, shard: tuple[int, int]):
                 return
             yield batch
 
-    ids = SpecialIds.after(tokenizer)
+    ids = SpecialIds.of(tokenizer)
     info = {
         "dataset": source.dataset_id,
         "unigram_loss": unigram_loss(source.eval, tokenizer, source.text_key),

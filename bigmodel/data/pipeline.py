@@ -227,13 +227,18 @@ def check_vocab(tokenizer: tokenizers.Tokenizer, model_cfg: ml_collections.Confi
 
 def build(config: ml_collections.ConfigDict, shard: tuple[int, int]):
     """Data for the 'lm' task (bigmodel.data.build)."""
-    from bigmodel.data import Data
+    from bigmodel.data import Data, store
 
+    if config.data.sources:  # prepared token stores (bigmodel prepare)
+        data = store.build(config, shard)
+        check_vocab(data.tokenizer, config.model)
+        return data
     lm = lm_data(config.data, seed=config.seed, batch_size=config.train.batch_size,
                  eval_batch_size=config.eval.batch_size, num_eval_batches=config.eval.num_batches, shard=shard)
     check_vocab(lm.tokenizer, config.model)
     return Data(train=lm.train, eval_batches=lm.eval_batches, units_per_example=config.data.seq_len,
-                info={"unigram_bits_per_byte": lm.unigram_bpb, "dataset": lm.dataset_id}, tokenizer=lm.tokenizer)
+                info={"unigram_bits_per_byte": lm.unigram_bpb, "dataset": lm.dataset_id}, tokenizer=lm.tokenizer,
+                eval_sets=store.eval_sets(config, lm.tokenizer, shard))
 
 
 def bits_per_byte(nats_sum: float, bytes_sum: float) -> float:

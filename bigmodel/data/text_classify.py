@@ -254,8 +254,9 @@ def build(config: ml_collections.ConfigDict, shard: tuple[int, int]):
         _check_tfds_name(cfg)
     source = pipeline.text_source(cfg)
     tokenizer = pipeline.make_tokenizer(cfg, source)
-    pipeline.check_vocab(tokenizer, config.model, extra=mlm.NUM_SPECIALS if cfg.add_cls else 0)
-    framer = Framer(cfg.seq_len, cfg.add_cls, mlm.SpecialIds.after(tokenizer))
+    ids = mlm.SpecialIds.of(tokenizer)
+    pipeline.check_vocab(tokenizer, config.model, extra=ids.vocab_needed - tokenizer.vocab_size if cfg.add_cls else 0)
+    framer = Framer(cfg.seq_len, cfg.add_cls, ids)
     make = _text_files_task if cfg.name == "text_files" else _tfds_task
     train, evals, names, (train_labels, eval_labels), info = make(cfg, source, tokenizer, framer)
     if config.model.num_classes != len(names):

@@ -150,6 +150,11 @@ class HFTokenizer:
                     token = token[len(prefix):]
                 self.token_bytes[i] = len(token.replace("\u2581", " ").encode("utf-8"))
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (e.g. '[MASK]'), None if it has none."""
+        found = self.tok.token_to_id(token)
+        return None if found is None else int(found)
+
     def encode(self, text: bytes | str) -> np.ndarray:
         """Text -> int32 ids (no special tokens added)."""
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
@@ -201,6 +206,25 @@ def train_sentencepiece(
         tmp.write(model.getvalue())
     os.replace(tmp.name, out_path)
     return SentencePieceTokenizer(out_path)
+
+
+def train_bpe(texts: Iterable[bytes | str], vocab_size: int, out_path: str | os.PathLike,
+              max_chars: int = 20_000_000) -> HFTokenizer:
+    """Train a GPT-2-style byte-level BPE (end-of-document '<|endoftext|>') and save its tokenizer.json atomically."""
+    from tokenizers import Tokenizer as _Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tok = _Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_lines(texts, max_chars), trainer=trainer)
+    with tempfile.NamedTemporaryFile("w", dir=out_path.parent, delete=False) as tmp:
+        tmp.write(tok.to_str())
+    os.replace(tmp.name, out_path)
+    return HFTokenizer(out_path)
 
 
 def spm_path(data_dir: str | os.PathLike, dataset_id: str, vocab_size: int) -> pathlib.Path:

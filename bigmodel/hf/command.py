@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import re
 import shutil
 from typing import Any
 
@@ -27,6 +28,33 @@ def default_experiment() -> str:
     """experiments/gpt_tiny.py of the current directory, else of the source checkout."""
     here = pathlib.Path(DEFAULT_EXPERIMENT)
     return str(here if here.is_file() else pathlib.Path(__file__).resolve().parents[2] / DEFAULT_EXPERIMENT)
+
+
+# What import-hf needs from a Hub repository: the config, the weights, the tokenizer.
+HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_source(src: str | pathlib.Path) -> pathlib.Path:
+    """A local checkpoint directory as given, else a Hub name (OWNER/NAME) downloaded through huggingface_hub."""
+    path = pathlib.Path(src)
+    if path.exists() or not HUB_NAME.fullmatch(str(src)):
+        return path
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    how = (f"download it where the network allows (hf download {src} --local-dir DIR) and pass --from DIR, "
+           "a local checkpoint directory")
+    try:
+        return pathlib.Path(huggingface_hub.snapshot_download(str(src), allow_patterns=HUB_FILES))
+    except errors.RepositoryNotFoundError:
+        raise ConfigError(f"--from {src}: no such local directory, and the Hugging Face Hub has no (public) model "
+                          "of that name; check the name, or pass a local checkpoint directory") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError) as e:
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if offline else f"the Hugging Face Hub cannot be reached ({type(e).__name__})"
+        raise ConfigError(f"--from {src}: no such local directory, and {why} and the model is not in the local "
+                          f"Hub cache; {how}") from None
 
 
 def _step0_state(config: ml_collections.ConfigDict, params: Params) -> Any:
@@ -62,12 +90,32 @@ def _step0_state(config: ml_collections.ConfigDict, params: Params) -> Any:
     return state
 
 
+def _classifier_params(config: ml_collections.ConfigDict, encoder: Params, weights: dict) -> Params:
+    """A BertClassifier's params: the imported encoder, the checkpoint's pooler if it has one, a fresh head."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from bigmodel import models
+
+    dummy = jnp.zeros((1, min(8, config.model.max_len)), jnp.int32)
+    init = jax.jit(models.build(config.model).init)(jax.random.key(config.seed), dummy)
+    fresh = jax.tree.map(np.asarray, nn.meta.unbox(init["params"]))
+    pooler = fresh["bert"]["pooler"]
+    for pre in ("bert.", ""):
+        if f"{pre}pooler.dense.weight" in weights:  # nn.Linear [out, in] -> Dense [in, out]
+            pooler = {"kernel": weights[f"{pre}pooler.dense.weight"].T, "bias": weights[f"{pre}pooler.dense.bias"]}
+            break
+    return {**fresh, "bert": {**encoder, "pooler": pooler}}
+
+
 def import_hf(src: str | pathlib.Path, workdir: str | pathlib.Path, config_spec: str | None = None,
               overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """Write a workdir (config.json, step-0 checkpoint, tokenizer) from a HF checkpoint; returns its config.
 
     The config is the experiment's (default experiments/gpt_tiny.py) with `model` replaced by
-    the imported model, `data.tokenizer` set to 'hf:WORKDIR/tokenizer.json' when the
+    the imported model (a BERT under a 'classify' experiment: its encoder and pooler, with the
+    experiment's num_classes and a fresh classifier head), `data.tokenizer` set to 'hf:WORKDIR/tokenizer.json' when the
     checkpoint ships one, then the 'KEY=VALUE' overrides (which may not change the
     architecture).
     """
@@ -75,21 +123,26 @@ def import_hf(src: str | pathlib.Path, workdir: str | pathlib.Path, config_spec:
 
     from bigmodel import checkpoint, train
 
-    src, workdir = pathlib.Path(src), pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir)
     config_spec = config_spec or default_experiment()
+    src = resolve_source(src)
     hf = read_config(src)
     family = family_for_hf(hf)
     model_cfg = family.config_from_hf(hf)
     if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         raise ConfigError(f"{workdir} already holds checkpoints; import into a new --workdir")
     config = config_lib.load(config_spec)
-    if config.task != family.task:
+    classify = config.task == "classify" and model_cfg.name == "bert"  # the encoder under a fresh classifier
+    if config.task != family.task and not classify:
         raise ConfigError(f"{src} is a {model_cfg.name} checkpoint, which trains on task {family.task!r}, but "
                           f"{config_spec} sets config.task={config.task!r}; pass --config with a {family.task!r} "
                           "experiment")
     has_tokenizer = (src / "tokenizer.json").is_file()
     with config.unlocked():
-        config.model = ml_collections.ConfigDict(model_cfg.to_dict())  # a copy: overrides must not touch model_cfg
+        model = ml_collections.ConfigDict(model_cfg.to_dict())  # a copy: overrides must not touch model_cfg
+        if classify:
+            model.head, model.num_classes = "classify", config.model.num_classes
+        config.model = model
         if has_tokenizer:
             config.data.tokenizer = f"hf:{(workdir / 'tokenizer.json').resolve()}"
     for item in overrides:
@@ -114,7 +167,10 @@ def import_hf(src: str | pathlib.Path, workdir: str | pathlib.Path, config_spec:
         )
     config_lib.validate(config, jax.device_count())
 
-    params = convert(read_state_dict(src), config.model, config.seed, family=family)
+    weights = read_state_dict(src)
+    params = convert(weights, model_cfg, config.seed, family=family)
+    if classify:
+        params = _classifier_params(config, params["bert"], weights)
     state = _step0_state(config, params)
     workdir.mkdir(parents=True, exist_ok=True)
     if has_tokenizer:
@@ -141,12 +197,13 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `bigmodel import-hf`."""
     p = subparsers.add_parser(
-        "import-hf", help="turn a Hugging Face GPT-2/BERT checkpoint into a workdir to fine-tune or sample from",
+        "import-hf", help="turn a Hugging Face GPT-2/Llama/BERT checkpoint into a workdir to fine-tune or sample from",
         description="Writes WORKDIR/config.json (the experiment's groups with the imported model) and a step-0 "
                     "checkpoint; --config.KEY=VALUE overrides apply to that config. Then: bigmodel train "
                     "--config WORKDIR/config.json --workdir WORKDIR",
     )
-    p.add_argument("--from", required=True, metavar="DIR", help="HF checkpoint directory (config.json + weights)")
+    p.add_argument("--from", required=True, metavar="DIR|NAME",
+                   help="HF checkpoint directory (config.json + weights), or a Hub model name (OWNER/NAME) to download")
     p.add_argument("--workdir", required=True, help="new run directory")
     p.add_argument("--config", default=None,
                    help="experiments/NAME.py[:ARG] whose data/optim/train/… groups to use "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 import numpy as np
 
-from bigmodel.hf import bert, gpt2
+from bigmodel.hf import bert, gpt2, llama
 from bigmodel.hf.io import read_config, read_state_dict, write_checkpoint
 from bigmodel.hf.mapping import Family, Params, StateDict, shapes, tree_map
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import flax.linen as nn
 
 # Every supported HF architecture; a new one is a module like gpt2.py plus its FAMILY here.
-FAMILIES: tuple[Family, ...] = (gpt2.FAMILY, bert.FAMILY)
+FAMILIES: tuple[Family, ...] = (gpt2.FAMILY, llama.FAMILY, bert.FAMILY)
 
 
 def _names(values: list[str]) -> str:

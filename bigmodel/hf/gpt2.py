@@ -27,11 +27,10 @@ from bigmodel.hf.mapping import (
     Params,
     StateDict,
     Tensors,
+    gpt_blocks_in,
+    gpt_blocks_out,
     hf_layer_norm,
     require,
-    stack_layers,
-    tree_map,
-    unstack_layers,
 )
 
 
@@ -107,16 +106,12 @@ def params_from_hf(state: StateDict, cfg: ml_collections.ConfigDict, seed: int =
         lambda k: (k.endswith((".attn.bias", ".attn.masked_bias")) or k.startswith("multiple_choice_head.")
                    or (cfg.tie_embeddings and k == "lm_head.weight")),
         "GPT", "GPT2LMHeadModel, GPT2DoubleHeadsModel and GPT2Model weights")
-    if cfg.scan_layers:
-        params = stack_layers(params, cfg.num_layers, "block_", "blocks")
-    return params
+    return gpt_blocks_in(params, cfg)
 
 
 def params_to_hf(params: Params, cfg: ml_collections.ConfigDict) -> StateDict:
     """A GPT2LMHeadModel state dict from GPT params."""
-    params = tree_map(np.asarray, params)
-    if cfg.scan_layers:
-        params = unstack_layers(params, cfg.num_layers, "block_", "blocks")
+    params = gpt_blocks_out(params, cfg)
     d = cfg.d_model
     out = {"transformer.wte.weight": params["wte"]["embedding"], "transformer.wpe.weight": params["wpe"],
            "transformer.ln_f.weight": params["ln_f"]["LayerNorm_0"]["scale"],

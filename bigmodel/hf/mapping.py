@@ -43,7 +43,7 @@ class Family:
             if key in cfg and cfg[key] not in allowed and not (key == "num_kv_heads" and cfg[key] == cfg.num_heads):
                 raise ValueError(
                     f"model.{key}={cfg[key]!r} has no {self.hf_name} equivalent (it needs {allowed[0]!r}); "
-                    "export only GPT-2/BERT-layout models"
+                    "export only GPT-2, Llama or BERT-layout models"
                 )
 
 
@@ -118,3 +118,14 @@ def unstack_layers(params: Params, num_layers: int, prefix: str, name: str) -> P
     for i in range(num_layers):
         params[f"{prefix}{i}"] = tree_map(lambda x, i=i: x[i], stacked)
     return params
+
+
+def gpt_blocks_in(params: Params, cfg: ml_collections.ConfigDict) -> Params:
+    """GPT params with per-layer block_i subtrees, stacked into `blocks` where the model scans its layers."""
+    return stack_layers(params, cfg.num_layers, "block_", "blocks") if cfg.scan_layers else params
+
+
+def gpt_blocks_out(params: Params, cfg: ml_collections.ConfigDict) -> Params:
+    """GPT params as host arrays with one block_i subtree per layer (unstacked where the model scans)."""
+    params = tree_map(np.asarray, params)
+    return unstack_layers(params, cfg.num_layers, "block_", "blocks") if cfg.scan_layers else params

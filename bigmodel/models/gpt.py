@@ -4,7 +4,8 @@ Einsum letters: B batch, T query length, S key/value length, D model width,
 N query heads, K kv heads, H head dim, F MLP hidden, V vocab.
 
 Structural switches in `config.model` (each independent; `LLAMA` sets them all):
-  position     'learned' (GPT-2's wpe table) | 'rope' (rotary, rope_base) | 'none'
+  position     'learned' (GPT-2's wpe table) | 'rope' (rotary, rope_base; rope_scaling 'linear' or
+               'llama3' stretches it for long contexts) | 'none'
   norm         'layernorm' | 'rmsnorm' (norm_eps)
   activation   'gelu_tanh' | 'gelu' | 'relu' | 'swiglu' | 'geglu' (gated: three MLP matrices)
   num_kv_heads 0 = num_heads (multi-head); 1 = multi-query; a divisor of num_heads = grouped-query
@@ -96,6 +97,11 @@ class GPTConfig(fields.ModelConfig):
     mup_base_width: int = field(128, ge=1)  # d_model at which muP and the standard parameterisation coincide
     position: str = field("learned", choices=POSITIONS)  # rope: rotary, with rope_base
     rope_base: float = field(10000.0, gt=0)  # rotary base (position='rope')
+    rope_scaling: str = field("none", choices=layers.ROPE_SCALINGS)  # stretch RoPE for long contexts
+    rope_factor: float = field(1.0, gt=0)  # rope_scaling's factor (linear, llama3)
+    rope_low_freq_factor: float = field(1.0, gt=0)  # llama3: wavelengths above original/low are divided
+    rope_high_freq_factor: float = field(4.0, gt=0)  # llama3: wavelengths below original/high are kept
+    rope_original_max_len: int = field(8192, ge=1)  # llama3: the context length the model was trained at
     norm: str = field("layernorm", choices=layers.NORMS)
     norm_eps: float = field(1e-5, gt=0)
     norm_impl: str = field("", choices=("", *layers.NORM_IMPLS))  # '': layers.default_norm_impl
@@ -122,6 +128,9 @@ class GPTConfig(fields.ModelConfig):
         if self.scan_layers and self.num_experts and 1 < self.moe_every <= self.num_layers:
             raise ConfigError(f"config.model.moe_every={self.moe_every} mixes MoE and dense blocks, but "
                               "config.model.scan_layers stacks identical blocks; use moe_every=1 or scan_layers=False")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"config.model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                              f"config.model.rope_low_freq_factor={self.rope_low_freq_factor} (Llama 3.1: 4 and 1)")
         if self.mup and self.tie_embeddings:
             raise ConfigError("config.model.mup needs config.model.tie_embeddings=False (muP's readout is separate)")
 
@@ -136,6 +145,16 @@ class GPTConfig(fields.ModelConfig):
         return 4 * self.d_model
 
     @property
+    def rope_scaling_spec(self) -> tuple:
+        """`layers.rope_frequencies`' scaling argument for these fields."""
+        if self.rope_scaling == "linear":
+            return ("linear", self.rope_factor)
+        if self.rope_scaling == "llama3":
+            return ("llama3", self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                    self.rope_original_max_len)
+        return ()
+
+    @property
     def width_mult(self) -> float:
         """muP's width multiplier d_model / base width (1 without muP)."""
         return self.d_model / self.mup_base_width if self.mup else 1.0
@@ -147,10 +166,11 @@ class Block(nn.Module):
     cfg: GPTConfig
     train: bool = False
     moe: bool = False  # a routed mixture of experts in place of the MLP
+    decode: bool = False  # attend against the key/value cache (GPT.__call__)
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
-        """[B, T, D] -> [B, T, D] (the scan-compatible carry signature)."""
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """[B, T, D], positions [B, T] or None -> [B, T, D] (the scan-compatible carry signature)."""
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         head_dim = cfg.d_model // cfg.num_heads
         # muP: hidden initialisations shrink as 1/sqrt(width multiplier), attention logits
@@ -171,9 +191,10 @@ class Block(nn.Module):
             zero_query=cfg.mup,
             num_kv_heads=cfg.num_kv_heads or None,
             rope_base=cfg.rope_base if cfg.position == "rope" else 0.0,
+            rope_scaling=cfg.rope_scaling_spec,
             use_bias=cfg.use_bias,
             name="attn",
-        )(h, train=self.train)
+        )(h, train=self.train, positions=positions, decode=self.decode)
         x = layers.constrain(x + h, ("act_batch", "act_seq", "act_embed"))
         h = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_2", cfg.use_bias, cfg.norm_impl or None)(x)
         if self.moe:
@@ -196,8 +217,14 @@ class GPT(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-        """tokens [B, T] int32 -> logits [B, T, V] float32."""
+    def __call__(self, tokens: jax.Array, train: bool = False, positions: jax.Array | None = None,
+                 decode: bool = False) -> jax.Array:
+        """tokens [B, T] int32 -> logits [B, T, V] float32.
+
+        positions [B, T]: each token's position (default 0 … T-1; -1 marks left padding).
+        decode: append the tokens to the key/value cache (the mutable 'cache' collection, made
+        by `bigmodel.generate.init_cache`) and attend to everything in it.
+        """
         cfg, dtype = self.cfg, layers.dtype_of(self.cfg.dtype)
         length = tokens.shape[1]
         if length > cfg.max_len:
@@ -208,26 +235,30 @@ class GPT(nn.Module):
             pos = self.param(
                 "wpe", layers.partitioned(layers.dense_init(0.5), ("pos", "embed")), (cfg.max_len, cfg.d_model)
             )
-            x = layers.add_leading(x, pos[:length].astype(dtype))
+            if positions is None:
+                x = layers.add_leading(x, pos[:length].astype(dtype))
+            else:
+                x = x + jnp.take(pos, jnp.maximum(positions, 0), axis=0).astype(dtype)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = layers.constrain(x, ("act_batch", "act_seq", "act_embed"))
 
         block = Block
-        if cfg.remat != "none":
+        if cfg.remat != "none" and not decode:
             block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
         is_moe = [cfg.num_experts > 0 and (i + 1) % cfg.moe_every == 0 for i in range(cfg.num_layers)]
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0, moe.AUX: 0},
+                variable_axes={"params": 0, moe.AUX: 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,  # every layer sees the same positions
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, train, is_moe[0], name="blocks")(x, None)
+            x, _ = stack(cfg, train, is_moe[0], decode, name="blocks")(x, positions)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, train, is_moe[i], name=f"block_{i}")(x, None)
+                x, _ = block(cfg, train, is_moe[i], decode, name=f"block_{i}")(x, positions)
 
         x = layers.make_norm(cfg.norm, cfg.norm_eps, dtype, "ln_f", cfg.use_bias, cfg.norm_impl or None)(x)
         if cfg.tie_embeddings:

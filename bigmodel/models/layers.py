@@ -14,8 +14,11 @@ rule, so a model cannot silently replicate a tensor by a typo.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,9 +26,30 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.kernels.cpu import attention as cpu_attention, gelu as cpu_gelu, norm as cpu_norm
+from bigmodel.kernels.tpu import attention as tpu_attention
 
 Initializer = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# The backend a model is traced for when that is not the process's own (an ahead-of-time compile).
+_COMPILE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("compile_backend", default=None)
+
+
+def backend() -> str:
+    """The backend the model is being traced for: 'cpu', 'gpu' or 'tpu' (see `compiling_for`)."""
+    return _COMPILE_BACKEND.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(name: str) -> Iterator[None]:
+    """Trace models for backend `name` ('gpu', 'tpu') instead of this process's (ahead-of-time compiles):
+    the kernels and attention implementations are those that backend gets by default."""
+    token = _COMPILE_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _COMPILE_BACKEND.reset(token)
 
 
 def dtype_of(name: str) -> Any:
@@ -66,7 +90,7 @@ def fused_cpu_default(dtype: Any) -> bool:
     devices each would gather its whole input on every device; there, and on GPU and TPU
     (where XLA fuses these operations itself), the plain JAX implementations are the default.
     """
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+    return backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
 
 
 NORM_IMPLS = ("flax", "fused_cpu")
@@ -262,19 +286,48 @@ def make_norm(kind: str, epsilon: float, dtype: Any, name: str, use_bias: bool =
     raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}")
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] at positions [T].
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+def rope_frequencies(h: int, base: float, scaling: tuple = ()) -> jax.Array:
+    """The [H/2] rotary frequencies base^(-2i/H), stretched by `scaling` for longer contexts.
+
+    scaling: () or ('none', …) leaves them; ('linear', factor) divides every frequency by factor
+    (position interpolation); ('llama3', factor, low_freq_factor, high_freq_factor,
+    original_max_len) divides only the slow ones, those with a wavelength above
+    original_max_len / low_freq_factor, keeps those below original_max_len / high_freq_factor
+    and blends in between (the Llama 3.1 recipe).
+    """
+    inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    kind = scaling[0] if scaling else "none"
+    if kind == "linear":
+        return inv_freq / scaling[1]
+    if kind == "llama3":
+        factor, low, high, original = scaling[1:]
+        wavelength = 2 * math.pi / inv_freq
+        blend = (original / wavelength - low) / (high - low)
+        blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+        scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        middle = (wavelength >= original / high) & (wavelength <= original / low)
+        return jnp.where(middle, blended, scaled)
+    if kind != "none":
+        raise ValueError(f"unknown rope scaling {kind!r}; use one of {ROPE_SCALINGS}")
+    return inv_freq
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float, scaling: tuple = ()) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021) of x [B, T, N, H] at positions [T] (or [B, T]).
 
     Channel i of the first half pairs with channel i of the second half (the GPT-NeoX /
-    Hugging Face Llama layout); the pair turns by positions · base^(-2i/H). Computed in
-    float32 and returned in x's dtype.
+    Hugging Face Llama layout); the pair turns by positions · base^(-2i/H) (as
+    `rope_frequencies` scales it). Computed in float32 and returned in x's dtype.
     """
     h = x.shape[-1]
     if h % 2:
         raise ValueError(f"rotary embeddings need an even head dimension, got {h}")
-    inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
-    angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # [T, H/2]
-    sin, cos = jnp.sin(angle)[:, None], jnp.cos(angle)[:, None]  # [T, 1, H/2]
+    inv_freq = rope_frequencies(h, base, scaling)  # [H/2]
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, H/2]
+    sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [(B,) T, 1, H/2]
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return out.astype(x.dtype)
@@ -342,7 +395,7 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
-ATTENTION_IMPLS = ("einsum", "fused_cpu", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "fused_cpu", "xla", "cudnn", "splash")
 # What cuDNN's fused attention refuses at trace time (shapes, head size, dtype, version, no GPU).
 CUDNN_REFUSALS = (RuntimeError, ValueError, NotImplementedError, TypeError)
 
@@ -353,17 +406,20 @@ def default_attention_impl(dtype: Any) -> str:
     On CPU 'fused_cpu' (`cpu_attention`, float32, one device; `Attention` falls back to
     'einsum' for a mask or where the kernel cannot be built) and 'einsum' (`einsum_attention`)
     otherwise; on GPU 'cudnn' for bfloat16/float16 compute (the fused flash-attention kernel;
-    `Attention` falls back to 'xla' where cuDNN refuses the shapes); 'xla' otherwise
-    (jax.nn.dot_product_attention's own default is XLA everywhere).
+    `Attention` falls back to 'xla' where cuDNN refuses the shapes); on TPU 'splash' (the
+    Pallas splash-attention kernel, `tpu_attention`; 'xla' for an explicit mask or a sharded
+    sequence); 'xla' otherwise (jax.nn.dot_product_attention's own default is XLA everywhere).
 
     The fused CPU kernel is an XLA custom call that the SPMD partitioner does not split, so
     over several devices it would gather the whole batch on each: there 'einsum' is the default.
     """
-    backend = jax.default_backend()
-    if backend == "cpu":
+    platform = backend()
+    if platform == "cpu":
         return "fused_cpu" if fused_cpu_default(dtype) else "einsum"
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if platform == "tpu":
+        return "splash"
     return "xla"
 
 
@@ -446,7 +502,7 @@ class Attention(nn.Module):
     `implementation` None picks `default_attention_impl`: the fused CPU kernel
     (`cpu_attention`) or 'einsum' (`einsum_attention`, heads-major) on CPU, cuDNN's fused kernel
     of `jax.nn.dot_product_attention` for half precision on GPU where cuDNN takes the shapes,
-    that function's XLA path otherwise; 'einsum', 'fused_cpu', 'xla' or 'cudnn' force one (a
+    that function's XLA path otherwise; 'einsum', 'fused_cpu', 'xla', 'cudnn' or 'splash' force one (a
     forced 'fused_cpu' or 'cudnn' raises where it cannot run).
     """
 
@@ -463,6 +519,7 @@ class Attention(nn.Module):
     zero_query: bool = False  # muP starts with a zero query projection
     num_kv_heads: int | None = None  # K; None = N (multi-head), 1 = multi-query, else grouped-query
     rope_base: float = 0.0  # > 0: rotary position embedding of queries and keys with this base
+    rope_scaling: tuple = ()  # rope_frequencies' scaling, e.g. ('linear', 4.0); () = none
 
     @nn.compact
     def __call__(
@@ -471,8 +528,14 @@ class Attention(nn.Module):
         context: jax.Array | None = None,
         mask: jax.Array | None = None,
         train: bool = False,
+        positions: jax.Array | None = None,
+        decode: bool = False,
     ) -> jax.Array:
-        """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S]."""
+        """x [B, T, D], context [B, S, D] (defaults to x), mask broadcastable to [B, N, T, S].
+
+        positions [B, T] int: of each token (default 0 … T-1; -1 marks padding in `decode`).
+        decode: causal self-attention against a key/value cache (`_cached`; `bigmodel.generate`).
+        """
         d_model = x.shape[-1]
         self_attention = context is None
         context = x if context is None else context
@@ -512,14 +575,14 @@ class Attention(nn.Module):
             # sharding of the kernels carries over to the stacked one).
             stacked_bias = None if bq is None else jnp.stack([bq, bk, bv], axis=1)
             qkv = project(x, jnp.stack([wq, wk, wv], axis=2), stacked_bias)  # [B, T, N, 3, H]
-            if impl == "fused_cpu" and not self.rope_base:  # the kernel reads the stacked tensor
+            if impl == "fused_cpu" and not self.rope_base and not decode:  # the kernel reads the stacked tensor
                 qkv = constrain(qkv, ("act_batch", "act_seq", "act_heads", None, "act_kv"))
                 y = cpu_attention.packed_attention(qkv, self.causal, scale)
             else:
-                y = self._attend(impl, *(qkv[..., i, :] for i in range(3)), mask, axis, scale)
+                y = self._attend(impl, *(qkv[..., i, :] for i in range(3)), mask, axis, scale, positions, decode)
         else:
             y = self._attend(impl, project(x, wq, bq), project(context, wk, bk), project(context, wv, bv), mask,
-                             axis, scale)
+                             axis, scale, positions, decode)
         y = constrain(y, ("act_batch", "act_seq", "act_heads", "act_kv"))  # [B, T, N, H]
         out = self.param(
             "out_kernel", partitioned(dense_init(self.out_init_scale), ("heads", "kv", "embed")),
@@ -532,19 +595,33 @@ class Attention(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
     def _attend(self, impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, axis: str,
-                scale: float) -> jax.Array:
+                scale: float, positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
         """q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H] by implementation `impl`."""
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k, v = (constrain(a, ("act_batch", "act_seq", "act_" + axis, "act_kv")) for a in (k, v))
         if self.rope_base:
-            q = rotary(q, jnp.arange(q.shape[1]), self.rope_base)
-            k = rotary(k, jnp.arange(k.shape[1]), self.rope_base)
+            q = rotary(q, jnp.arange(q.shape[1]) if positions is None else positions, self.rope_base,
+                       self.rope_scaling)
+            k = rotary(k, jnp.arange(k.shape[1]) if positions is None else positions, self.rope_base,
+                       self.rope_scaling)
+        causal = self.causal
+        if decode:
+            k, v, mask = self._cached(k, v, positions)
+            impl, causal = "einsum", False  # the cache's mask already says what each query sees
         if impl == "fused_cpu":
-            return cpu_attention.attention(q, k, v, self.causal, scale)
+            return cpu_attention.attention(q, k, v, causal, scale)
         if impl == "einsum":
             heads_major = lambda a: a.transpose(0, 2, 1, 3)
-            return heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, self.causal,
+            return heads_major(einsum_attention(heads_major(q), heads_major(k), heads_major(v), mask, causal,
                                                 scale))
+        if impl == "splash":
+            why = tpu_attention.unsupported(q, k, mask, self.causal, axis)
+            if why is None:
+                return tpu_attention.attention(q, k, v, self.causal, scale, axis, interpret=backend() != "tpu")
+            if self.implementation:
+                raise ValueError(f"attention implementation 'splash' cannot run here: {why}; set "
+                                 "config.model.attention_impl='' (or 'xla')")
+            impl = "xla"
         attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, is_causal=self.causal,
                                    scale=scale)
         try:
@@ -553,6 +630,34 @@ class Attention(nn.Module):
             if self.implementation:  # asked for by name: say why it cannot run
                 raise
             return attend(implementation="xla")
+
+
+    def _cached(self, k: jax.Array, v: jax.Array, positions: jax.Array | None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Append k and v [B, T, K, H] to the 'cache' collection at its write index; the whole
+        cache's keys and values [B, S, K, H] and the mask [B, 1, T, S] of the keys each query sees.
+
+        The cache's size S is that of the input it was made for (`bigmodel.generate.init_cache`
+        makes it empty). Each slot keeps its token's position + 1 (0: empty or padding), so a
+        query at position p sees the filled slots at positions up to p: prompts of different
+        lengths share one cache, left-padded, and causality needs no slot arithmetic.
+        """
+        b, t = k.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        positions = positions.astype(jnp.int32)
+        keys = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        values = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        slots = self.variable("cache", "position", jnp.zeros, positions.shape, jnp.int32)
+        index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+        i = index.value
+        keys.value = jax.lax.dynamic_update_slice(keys.value, k.astype(keys.value.dtype), (0, i, 0, 0))
+        values.value = jax.lax.dynamic_update_slice(values.value, v.astype(values.value.dtype), (0, i, 0, 0))
+        slots.value = jax.lax.dynamic_update_slice(slots.value, jnp.maximum(positions + 1, 0), (0, i))
+        index.value = i + t
+        seen = slots.value[:, None, :]  # [B, 1, S]
+        mask = (seen > 0) & (seen <= positions[:, :, None] + 1)  # [B, T, S]
+        return keys.value, values.value, mask[:, None]
 
 
 class Embed(nn.Module):

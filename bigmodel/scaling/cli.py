@@ -4,11 +4,22 @@
 
 writes OUTDIR/fit.json and PNG plots and prints a summary table.
 
+    bigmodel scaling fit RESULTS.csv --out OUTDIR --holdout largest:3
+
+fits on the runs the rule leaves in and reports, for each held-out run, the predicted loss with its
+bootstrap interval against the measured one (holdout.py).
+
+    bigmodel scaling predict FIT.json --params N --tokens D | --flops C [--json]
+
+predicts from a saved fit (predict.py).
+
     bigmodel scaling report SWEEP_DIR [--no-fit]
 
 prints the runs of a sweep (finished, running with progress, failed with the error, planned)
-and its current fit; it works while the sweep is still running. Further subcommands hang off
-the same `scaling` parser: add a function like `_add_fit` and call it from `register`.
+and its current fit, and writes SWEEP_DIR/report.html, the same on one self-contained page with the
+fits' intervals, the hold-out check and the plots (page.py); it works while the sweep is still
+running. Further subcommands hang off the same `scaling` parser: add a function like `_add_fit`
+and call it from `register`.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from bigmodel.scaling import fit as fitlib, output, powerlaws, results
+from bigmodel.scaling import fit as fitlib, holdout, output, powerlaws, results
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -73,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                       required=True)
     _add_fit(commands)
     _add_report(commands)
+    _add_predict(commands)
     _add_coordcheck(commands)
     return scaling
 
@@ -117,7 +129,47 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
                    metavar="R", help="runs whose flops differ by at most this fraction share an "
                                      "isoFLOP budget [default: %(default)s]")
     p.add_argument("--no-plots", action="store_true", help="write fit.json only")
+    p.add_argument("--holdout", type=_holdout_rule, default=None, metavar="RULE", help=holdout.RULE_HELP)
     p.set_defaults(func=run_fit)
+
+
+def _holdout_rule(text: str) -> holdout.HoldoutRule:
+    """argparse type: a hold-out rule."""
+    try:
+        return holdout.parse_rule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    """The `scaling predict` subcommand."""
+    p = commands.add_parser(
+        "predict", help="loss of a model, or the compute-optimal model of a budget, from a fit.json",
+        description="Predict from the approach-3 law of a fit.json: the loss of N parameters trained on D tokens "
+                    "(--params and --tokens), or the compute-optimal N, D and loss of a 6ND FLOP budget "
+                    "(--flops), with 95%% bootstrap intervals. Refuses a degenerate or failed fit.")
+    p.add_argument("fit", type=Path, metavar="FIT.json", help="written by `bigmodel scaling fit` or a sweep")
+    p.add_argument("--params", type=_positive_float, metavar="N", help="parameters (with --tokens)")
+    p.add_argument("--tokens", type=_positive_float, metavar="D", help="training tokens (with --params)")
+    p.add_argument("--flops", type=_positive_float, metavar="C", help="a 6ND FLOP budget to allocate")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Run `bigmodel scaling predict`."""
+    import json
+
+    from bigmodel.scaling import predict
+
+    fit = predict.load_fit(args.fit)  # first: a wrong path is the first thing to hear about
+    point = args.params is not None or args.tokens is not None
+    if point == (args.flops is not None) or (point and (args.params is None or args.tokens is None)):
+        raise SystemExit("bigmodel scaling predict: error: give either --params N --tokens D, or --flops C")
+    result = (predict.predict_point(fit, args.params, args.tokens) if point
+              else predict.predict_budget(fit, args.flops))
+    print(json.dumps(output._jsonable(result), indent=2) if args.json else predict.format_prediction(result))
+    return 0
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
@@ -129,6 +181,9 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
                     "then the scaling fit of the finished runs.")
     p.add_argument("workdir", type=Path, metavar="SWEEP_DIR", help="the --workdir of `bigmodel sweep`")
     p.add_argument("--no-fit", action="store_true", help="the table only")
+    p.add_argument("--no-html", action="store_true",
+                   help="do not write SWEEP_DIR/report.html (one self-contained page: runs, fits with intervals, "
+                        "hold-out check, families, the plots embedded)")
     p.set_defaults(func=run_report)
 
 
@@ -137,7 +192,7 @@ def run_report(args: argparse.Namespace) -> int:
     from bigmodel.scaling import report
 
     try:
-        print(report.format_report(args.workdir, fit=not args.no_fit))
+        print(report.format_report(args.workdir, fit=not args.no_fit, html=not args.no_html))
     except FileNotFoundError as e:
         raise SystemExit(f"bigmodel scaling report: error: {e}") from None
     return 0
@@ -148,10 +203,16 @@ def run_fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         data = results.read_results(args.results)
+        held = None
+        if args.holdout is not None:
+            data, held = holdout.split(data, args.holdout)
+            print(f"holding out {len(held)} runs ({args.holdout})", file=sys.stderr)
         print(f"fitting {len(data)} runs from {args.results} ...", file=sys.stderr)
         report = fitlib.fit_all(
             data, budgets=args.budgets, n_bootstrap=args.bootstrap, seed=args.seed,
             starts=fitlib.STARTS[args.starts](), flops_rtol=args.flops_rtol, progress=True)
+        if held is not None:
+            report.holdout = holdout.check(report, held, args.holdout)
     except results.ScalingDataError as e:
         raise SystemExit(f"bigmodel scaling fit: error: {e}") from None
     result = output.write_fit(report, args.out, plots=not args.no_plots, started=t0)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel.scaling.holdout import HoldoutCheck
 from bigmodel.scaling.laws import (
     Approach3Fit,
     Bootstrap,
@@ -75,6 +76,7 @@ class FitReport:
     kaplan: dict[str, KaplanFit | str]
     budgets: np.ndarray
     plots: dict[str, str] = dataclasses.field(default_factory=dict)
+    holdout: HoldoutCheck | None = None  # predictions for runs left out of the fit (holdout.py)
 
     def allocators(self) -> dict[str, ComputeOptimal]:
         """The fitted laws that allocate a compute budget, by approach: approach 3 always, 2 and 1 when fitted."""

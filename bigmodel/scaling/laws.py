@@ -257,6 +257,28 @@ class Bootstrap:
                 [math.nan, math.nan] for k, v in self.samples.items()}
 
 
+def replicate_losses(replicates: Mapping[str, np.ndarray], params: np.ndarray,
+                     tokens: np.ndarray) -> np.ndarray:
+    """Loss of every bootstrap replicate law at each (N, D): shape (replicates, points)."""
+    r = {k: np.asarray(replicates[k], float)[:, None] for k in APPROACH3_PARAMS}
+    n, d = np.asarray(params, float)[None], np.asarray(tokens, float)[None]
+    return r["E"] + r["A"] / n ** r["alpha"] + r["B"] / d ** r["beta"]
+
+
+def loss_intervals(losses: np.ndarray, log_residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """95% intervals per point from replicate losses (replicates, points): (ci95, pi95), each (points, 2).
+
+    ci95 is the spread of the law itself (the bootstrap percentiles); pi95, the interval a new
+    run's measurement should fall in, also carries the scatter of the fitted runs about the law:
+    every replicate's prediction times exp(-r) for every log residual r = log(L_fit / L_run).
+    """
+    ci = np.percentile(losses, [2.5, 97.5], axis=0).T
+    scatter = np.exp(-np.asarray(log_residuals, float))
+    combined = losses[:, None, :] * scatter[None, :, None]  # (replicates, residuals, points)
+    pi = np.percentile(combined.reshape(-1, losses.shape[1]), [2.5, 97.5], axis=0).T
+    return ci, pi
+
+
 def bootstrap_approach3(data: ScalingData, fit: Approach3Fit, n_resamples: int = 100,
                         seed: int = 0, budgets: Sequence[float] = (),
                         progress: bool = False) -> Bootstrap:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bigmodel.scaling.holdout import format_check
 from bigmodel.scaling.laws import APPROACH3_PARAMS, approach3_residuals
 from bigmodel.scaling.powerlaws import Approach1Fit, Approach2Fit, KaplanFit, PowerLaw
+from bigmodel.scaling.predict import degenerate_reasons
 from bigmodel.scaling.results import ScalingData, write_text_atomic
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ def fit_json(report: FitReport) -> dict[str, Any]:
         "n_starts": f3.n_starts,
         "rms_log_residual": float(np.sqrt(np.mean(res**2))),
         "max_abs_log_residual": float(np.max(np.abs(res))),
+        "log_residuals": res,  # log(L_fit / L_run) per fitted run: the scatter in prediction intervals
     })
     if report.bootstrap is not None:
         keys = [*APPROACH3_PARAMS, "a", "b"]
@@ -52,12 +55,15 @@ def fit_json(report: FitReport) -> dict[str, Any]:
         a3["ci95"] = {k: ci[k] for k in keys}
         a3["bootstrap"] = {"n_resamples": report.bootstrap.n_resamples,
                            "n_failed": report.bootstrap.n_failed, "seed": report.bootstrap.seed,
-                           "refit_starts": "best fit + small grid (32)"}
+                           "refit_starts": "best fit + small grid (32)",
+                           "replicates": {k: report.bootstrap.samples[k] for k in APPROACH3_PARAMS}}
     else:
         a3["se"] = a3["ci95"] = None
         a3["bootstrap"] = {"skipped": "no resamples requested (--bootstrap 0)"}
     out: dict[str, Any] = {
-        "input": {"source": d.source, "n_points": len(d), "flops": d.flops_source},
+        "input": {"source": d.source, "n_points": len(d), "flops": d.flops_source,
+                  **{f"{k}_range": [float(getattr(d, k).min()), float(getattr(d, k).max())]
+                     for k in ("params", "tokens", "flops", "loss")}},
         "n_points": len(d),
         "approach3": a3,
         "approach2": _approach2_json(report.approach2),
@@ -68,7 +74,11 @@ def fit_json(report: FitReport) -> dict[str, Any]:
                             "evaluated at each approach's (params, tokens)",
         "plots": dict(report.plots),
     }
-    return _jsonable(out)
+    if report.holdout is not None:
+        out["holdout"] = report.holdout.to_json()
+    out = _jsonable(out)
+    out["degenerate"] = degenerate_reasons(out)  # empty when the law can be predicted with
+    return out
 
 
 def _law_json(law: PowerLaw) -> dict[str, Any]:
@@ -225,6 +235,11 @@ def format_report(report: FitReport) -> str:
                                  f"{_span(ci_p['tokens']):>22}{'':>9}"
                                  f"{_span(ci_p['loss'], '.4f'):>17}")
                 first = False
+    if report.holdout is not None:
+        lines += ["", format_check(report.holdout)]
+    degenerate = degenerate_reasons(fit_json(report))
+    if degenerate:
+        lines += ["", "The approach-3 law is degenerate (`scaling predict` refuses it): " + "; ".join(degenerate)]
     if report.plots:
         lines += ["", "Plots: " + ", ".join(report.plots.values())]
     return "\n".join(lines)

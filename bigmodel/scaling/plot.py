@@ -178,6 +178,54 @@ def plot_residuals(report: FitReport, path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_holdout(report: FitReport, path: Path, max_curves: int = 8) -> None:
+    """Held-out runs against the law fitted without them: loss against compute, and predicted against measured."""
+    from matplotlib import colormaps
+
+    d, f3, check = report.data, report.approach3, report.holdout
+    assert check is not None, "plot_holdout needs a hold-out check"
+    h = check.held
+    fig, (ax_c, ax_p) = _figure(11.0, 4.8, ncols=2)
+    norm = LogNorm(min(d.params.min(), h.params.min()), max(d.params.max(), h.params.max()) * 1.0001)
+    cmap = colormaps["viridis"]
+    ax_c.scatter(d.flops, d.loss, color="grey", s=12, alpha=0.5, edgecolors="none", label=f"runs fitted ({len(d)})")
+    cs = np.logspace(np.log10(min(d.flops.min(), h.flops.min())) - 0.1,
+                     np.log10(max(d.flops.max(), h.flops.max())) + 0.2, 200)
+    sizes = np.unique(h.params)
+    for n in sizes[np.unique(np.linspace(0, len(sizes) - 1, min(len(sizes), max_curves)).round().astype(int))]:
+        near = cs[cs >= h.flops.min() / 4]  # the law near the held-out runs, not up the steep undertrained end
+        ax_c.plot(near, f3.predict(n, near / (6.0 * n)), color=cmap(norm(n)), lw=1, alpha=0.9)
+    ax_c.plot([], [], color="black", lw=1, label="fitted law L(N, C/6N) at held-out sizes")
+    err = None
+    if check.pi95 is not None:
+        err = np.abs(np.vstack([check.predicted - check.pi95[:, 0], check.pi95[:, 1] - check.predicted]))
+    ax_c.errorbar(h.flops, check.predicted, yerr=err, fmt="none", ecolor="tab:red", elinewidth=1, capsize=2,
+                  label="prediction, 95% interval for a run" if err is not None else None)
+    ax_c.scatter(h.flops, h.loss, c=h.params, norm=norm, cmap=cmap, marker="D", s=34, edgecolors="tab:red",
+                 zorder=5, label=f"held out ({check.rule}): measured")
+    ax_c.set_xscale("log")
+    ax_c.set_yscale("log")
+    ax_c.set_xlabel(FLOPS_LABEL)
+    ax_c.set_ylabel(LOSS_LABEL)
+    _plain_log_ticks(ax_c.yaxis)
+    ax_c.set_title(f"Hold-out check: median |error| {100 * check.median_abs_relative_error:.2f}%")
+    ax_c.legend(fontsize=7, loc="upper right")
+    lo = min(h.loss.min(), check.predicted.min()) * 0.98
+    hi = max(h.loss.max(), check.predicted.max()) * 1.02
+    if err is not None:
+        lo, hi = min(lo, check.pi95[:, 0].min()), max(hi, check.pi95[:, 1].max())
+    ax_p.plot([lo, hi], [lo, hi], color="black", lw=1, label="prediction = measurement")
+    ax_p.errorbar(h.loss, check.predicted, yerr=err, fmt="none", ecolor="tab:red", elinewidth=1, capsize=2)
+    sc = ax_p.scatter(h.loss, check.predicted, c=h.params, norm=norm, cmap=cmap, marker="D", s=34, zorder=5,
+                      label="held-out runs")
+    fig.colorbar(sc, ax=[ax_c, ax_p], label="model size N (parameters)")
+    ax_p.set_xlabel(f"measured {LOSS_LABEL}")
+    ax_p.set_ylabel("predicted by the law fitted without them (nats)")
+    ax_p.set_title("Held-out runs: predicted against measured")
+    ax_p.legend(fontsize=8, loc="upper left")
+    fig.savefig(path)
+
+
 def _colours(n: int) -> list:
     """n colours along a perceptually ordered colormap (small budgets dark)."""
     from matplotlib import colormaps
@@ -195,6 +243,8 @@ def plot_all(report: FitReport, outdir: str | Path) -> dict[str, str]:
             ("residuals", plot_residuals)]
     if not isinstance(report.approach2, str):
         jobs.insert(1, ("isoflops", plot_isoflops))
+    if report.holdout is not None:
+        jobs.append(("holdout", plot_holdout))
     written = {}
     for name, fn in jobs:
         fn(report, outdir / f"{name}.png")

@@ -237,3 +237,50 @@ def fit_kaplan(data: ScalingData, variable: str,
     return KaplanFit(variable=variable, alpha=alpha, x_c=law.coef ** (1.0 / alpha),
                      alpha_se=law.exponent_se, envelope=env)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class KaplanNDFit:
+    """Kaplan et al. 2020 eq. 1.5: L(N, D) = ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D, fitted to every run."""
+
+    n_c: float
+    d_c: float
+    alpha_n: float
+    alpha_d: float
+    rms_log_residual: float
+    n_points: int
+
+    def predict(self, params: np.ndarray | float, tokens: np.ndarray | float) -> np.ndarray:
+        """Loss at (N, D)."""
+        n, d = np.asarray(params, float), np.asarray(tokens, float)
+        return ((self.n_c / n) ** (self.alpha_n / self.alpha_d) + self.d_c / d) ** self.alpha_d
+
+
+def _kaplan_nd_log_loss(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
+    """log L of eq. 1.5 at theta = (log N_c, log D_c, alpha_N, alpha_D)."""
+    log_nc, log_dc, alpha_n, alpha_d = theta
+    return alpha_d * np.logaddexp(alpha_n / alpha_d * (log_nc - log_n), log_dc - log_d)
+
+
+def fit_kaplan_nd(data: ScalingData) -> KaplanNDFit:
+    """Least squares of log residuals of Kaplan's L(N, D) from a small grid of starts."""
+    import itertools
+
+    from scipy import optimize
+
+    if len(data) < 5 or n_distinct(data.params) < 2 or n_distinct(data.tokens) < 2:
+        raise NotSupported("Kaplan's L(N, D) fits 4 parameters: it needs 5 or more runs over 2+ sizes and budgets")
+    log_n, log_d, log_l = np.log(data.params), np.log(data.tokens), np.log(data.loss)
+    best = None
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for a_n, a_d, k_n, k_d in itertools.product((0.05, 0.15, 0.4), (0.05, 0.15, 0.4), (3, 10), (3, 10)):
+            start = np.array([log_n.max() + k_n, log_d.max() + k_d, a_n, a_d])
+            res = optimize.least_squares(lambda t: _kaplan_nd_log_loss(t, log_n, log_d) - log_l, start,
+                                         bounds=([-np.inf, -np.inf, 1e-4, 1e-4], np.inf))
+            if np.isfinite(res.cost) and (best is None or res.cost < best.cost):
+                best = res
+    if best is None:
+        raise NotSupported("Kaplan's L(N, D): the optimiser found no finite solution")
+    log_nc, log_dc, alpha_n, alpha_d = (float(v) for v in best.x)
+    return KaplanNDFit(n_c=math.exp(log_nc), d_c=math.exp(log_dc), alpha_n=alpha_n, alpha_d=alpha_d,
+                       rms_log_residual=float(np.sqrt(np.mean(best.fun ** 2))), n_points=len(data))

@@ -150,9 +150,14 @@ def _scaling_data(rows: Sequence[dict[str, Any]]):
                               source=f"{RESULTS} ({family}, finished runs)")
 
 
-def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffmann", n_bootstrap: int = 100) -> str:
-    """Fit finished rows and write outdir/fit.json with the fit plots; returns a one-line outcome."""
-    from bigmodel.scaling import fit as fitlib, laws, output
+def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffmann", n_bootstrap: int = 100,
+             holdout: str = "") -> str:
+    """Fit finished rows and write outdir/fit.json with the fit plots; returns a one-line outcome.
+
+    With a hold-out rule (holdout.py, e.g. 'largest:1') the fit leaves those runs out and fit.json
+    records its predictions for them against their measured losses.
+    """
+    from bigmodel.scaling import fit as fitlib, holdout as holdouts, laws, output
 
     if starts not in fitlib.STARTS:
         raise ValueError(f"config.sweep.fit_starts={starts!r}; use one of {tuple(fitlib.STARTS)}")
@@ -160,20 +165,41 @@ def fit_rows(rows: Sequence[dict[str, Any]], outdir: Path, starts: str = "hoffma
         return f"skipped: {len(rows)} finished runs; approach 3 needs {laws.MIN_POINTS_APPROACH3}"
     try:
         data = _scaling_data(rows)
+        held = None
+        if holdout:
+            rule = holdouts.parse_rule(holdout)
+            data, held = holdouts.split(data, rule)
         result = fitlib.fit_all(data, n_bootstrap=n_bootstrap, starts=fitlib.STARTS[starts]())
+        if held is not None:
+            result.holdout = holdouts.check(result, held, rule)
     except results.ScalingDataError as e:
-        return f"skipped: {e}"
+        return f"skipped: {e}" + _record_failure(outdir, len(rows), str(e))
     except ArithmeticError as e:  # an optimum at absurd parameters (too few or too noisy runs)
-        return f"failed: the approach-3 optimiser diverged ({e}); add runs or budgets"
+        reason = f"the approach-3 optimiser diverged ({e}); add runs or budgets"
+        return f"failed: {reason}" + _record_failure(outdir, len(rows), reason)
     output.write_fit(result, outdir)
     f3 = result.approach3
-    return (f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}; "
+    checked = (f"; {len(result.holdout.held)} held out ({result.holdout.rule}): median |error| "
+               f"{100 * result.holdout.median_abs_relative_error:.2f}%" if result.holdout is not None else "")
+    return (f"{len(data)} runs: E={f3.E:.3g} alpha={f3.alpha:.3g} beta={f3.beta:.3g}{checked}; "
             f"wrote {outdir / output.FIT_JSON}")
+
+
+def _record_failure(outdir: Path, n_points: int, reason: str) -> str:
+    """Write outdir/fit.json saying the fit failed (so `scaling predict` and the report say why); ' (recorded)'."""
+    from bigmodel.scaling import output
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    record = {"n_points": n_points, "approach3": {"failed": reason}, "degenerate": [f"the fit failed: {reason}"]}
+    results.write_text_atomic(outdir / output.FIT_JSON, json.dumps(record, indent=2) + "\n")
+    return f" (recorded in {outdir / output.FIT_JSON})"
 
 
 def summarize_fit(fit: dict[str, Any]) -> list[str]:
     """A few lines from a fit.json dict: approach 3, approach 2 and the Kaplan exponents."""
     a3 = fit["approach3"]
+    if "failed" in a3:
+        return [f"  failed: {a3['failed']}"]
     lines = [(f"  L(N, D) = E + A/N^alpha + B/D^beta: E={a3['E']:.4g} A={a3['A']:.4g} B={a3['B']:.4g} "
               f"alpha={a3['alpha']:.4g} beta={a3['beta']:.4g}; N_opt ~ C^{a3['a']:.3f}, "
               f"D_opt ~ C^{a3['b']:.3f} (RMS log residual {a3['rms_log_residual']:.3g})")]
@@ -196,7 +222,8 @@ def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
         finished = [r for r in rows if r["model"] == family and r["status"] == "finished"]
         path = fit_dir(workdir, family, families) / output.FIT_JSON
         saved = json.loads(path.read_text()) if path.is_file() else None
-        if saved is not None and saved.get("n_points") == len(finished):
+        covered = (saved.get("n_points", 0) + (saved.get("holdout") or {}).get("n_held_out", 0)) if saved else -1
+        if saved is not None and covered == len(finished):
             lines += [f"fit of {family} ({path}, {len(finished)} runs):", *summarize_fit(saved)]
             continue
         if len(finished) < laws.MIN_POINTS_APPROACH3:
@@ -217,13 +244,18 @@ def current_fit(workdir: Path, rows: Sequence[dict[str, str]]) -> list[str]:
     return lines
 
 
-def format_report(workdir: str | Path, fit: bool = True) -> str:
-    """The report printed by `bigmodel scaling report DIR`."""
+def format_report(workdir: str | Path, fit: bool = True, html: bool = False) -> str:
+    """The report printed by `bigmodel scaling report DIR`; with `html` it also writes DIR/report.html (page.py)."""
     workdir = Path(workdir)
     rows = read_rows(workdir)
     text = format_table(workdir, rows)
+    fit_lines = current_fit(workdir, rows) if fit else []
     if fit:
-        text += "\n\n" + "\n".join(current_fit(workdir, rows))
+        text += "\n\n" + "\n".join(fit_lines)
+    if html:
+        from bigmodel.scaling import page
+
+        text += f"\n\nwrote {page.write_page(workdir, fit_lines)}"
     return text
 
 
@@ -312,18 +344,28 @@ def plot_families(rows: Sequence[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
-def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per family: sizes, a Kaplan L(C) = (C_c/C)^alpha_C fit on its compute envelope, and the
-    lowest loss reached within the largest compute budget every family covers.
+FAMILY_BOOTSTRAP = 1000  # resamples per family for the interval of alpha_C (each is one small least-squares fit)
+
+
+def compare_families(rows: Sequence[dict[str, Any]], n_bootstrap: int = FAMILY_BOOTSTRAP,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """Per family: sizes, a Kaplan L(C) = (C_c/C)^alpha_C fit on its compute envelope with a bootstrap
+    interval, the lowest loss reached within the largest compute budget every family covers, and
+    (alpha_c_vs) each other family's exponent difference with its interval and whether it is significant.
 
     C is the flops column (6·N_active·D), so mixtures of experts are charged for the
-    experts a token uses, not for all of them.
+    experts a token uses, not for all of them. The bootstrap resamples a family's runs with
+    replacement and refits its envelope law; a resample whose envelope cannot carry the law
+    (too few points or too narrow a range) is counted in n_failed. A difference is significant
+    when the 95% interval of alpha_C(family) - alpha_C(other), from independent resamples of
+    the two families, excludes 0.
     """
     from bigmodel.scaling import powerlaws
 
     groups = _groups(rows, lambda r: r["model"])
     common = min(max(_num(r["flops"]) for r in g) for g in groups.values())
-    table = []
+    rng = np.random.default_rng(seed)
+    table, replicates = [], {}
     for family, group in groups.items():
         largest = max(group, key=lambda r: _num(r["params"]))
         entry: dict[str, Any] = {
@@ -339,18 +381,54 @@ def compare_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                          envelope=[int(i) for i in law.envelope])
         except results.NotSupported as e:
             entry["alpha_c"] = f"skipped: {e}"
+            table.append(entry)
+            continue
+        alphas = []
+        for _ in range(n_bootstrap):
+            try:
+                alphas.append(powerlaws.fit_kaplan(data.subset(rng.integers(0, len(data), len(data))), "flops").alpha)
+            except results.NotSupported:
+                pass
+        replicates[family] = np.asarray(alphas)
+        entry["alpha_c_bootstrap"] = {"n_resamples": n_bootstrap, "n_failed": n_bootstrap - len(alphas), "seed": seed}
+        if len(alphas) >= 2:
+            entry["alpha_c_ci95"] = [float(q) for q in np.percentile(alphas, [2.5, 97.5])]
         table.append(entry)
+    for entry in table:
+        mine = replicates.get(entry["model"])
+        if mine is None or len(mine) < 2:
+            continue
+        entry["alpha_c_vs"] = {}
+        for other in table:
+            theirs = replicates.get(other["model"])
+            if other is entry or theirs is None or len(theirs) < 2:
+                continue
+            k = min(len(mine), len(theirs))
+            lo, hi = (float(q) for q in np.percentile(mine[:k] - theirs[:k], [2.5, 97.5]))
+            entry["alpha_c_vs"][other["model"]] = {"difference": entry["alpha_c"] - other["alpha_c"],
+                                                   "ci95": [lo, hi], "significant": bool(lo > 0 or hi < 0)}
     return table
 
 
 def format_families(table: Sequence[dict[str, Any]]) -> str:
-    """The family comparison as a terminal table."""
-    lines = [(f"{'model':<10} {'runs':>4} {'params':>9} {'active':>9} {'alpha_C':>14} "
+    """The family comparison as a terminal table, then which exponent differences are significant."""
+    lines = [(f"{'model':<10} {'runs':>4} {'params':>9} {'active':>9} {'alpha_C':>14} {'95% interval':>17} "
              f"{'loss @ ' + _count(table[0]['common_flops']) + ' FLOPs':>20}")]
     for e in table:
         alpha = (f"{e['alpha_c']:.4f} ± {e['alpha_c_se']:.3f}" if not isinstance(e["alpha_c"], str) else "-")
+        ci = e.get("alpha_c_ci95")
+        interval = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
         lines.append(f"{e['model']:<10} {e['runs']:>4} {_count(e['params']):>9} {_count(e['params_active']):>9} "
-                     f"{alpha:>14} {e['loss_at_common_flops']:>20.4f}")
+                     f"{alpha:>14} {interval:>17} {e['loss_at_common_flops']:>20.4f}")
+    pairs = [(e["model"], other, d) for i, e in enumerate(table) for other, d in e.get("alpha_c_vs", {}).items()
+             if other in [t["model"] for t in table[i + 1:]]]
+    if pairs:
+        lines.append("alpha_C differences (95% bootstrap interval; significant when it excludes 0):")
+        for a, b, d in pairs:
+            lines.append(f"  {a} - {b}: {d['difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] "
+                         f"{'significant' if d['significant'] else 'not significant'}")
+        significant = [f"{a} vs {b}" for a, b, d in pairs if d["significant"]]
+        lines.append("  significant: " + (", ".join(significant) if significant else "none"))
     return "\n".join(lines)
 
 

@@ -30,10 +30,13 @@ token budgets (50 and 200 steps of 32 × 128 bytes), everything else gpt_stdlib'
 
 Outputs: DIR/results.csv; DIR/fit/families.json and the table printed at the end (per family:
 parameters total/active of the largest model, Kaplan exponent alpha_C of L(C) = (C_c/C)^alpha_C
-fitted on the family's compute envelope, and the lowest loss within the largest compute budget
-every family reaches); DIR/fit/families_loss_vs_compute.png overlays all four; DIR/fit/<family>/
-holds each family's approach-3 fit. Six runs per family span a factor of about 16 in compute:
-read the exponents as local slopes with the standard errors beside them.
+fitted on the family's compute envelope with a 95% bootstrap interval over its runs, the lowest
+loss within the largest compute budget every family reaches, and for every pair of families the
+exponent difference with its bootstrap interval, significant when that interval excludes 0);
+DIR/fit/families_loss_vs_compute.png overlays all four; DIR/fit/<family>/ holds each family's
+approach-3 fit. Six runs per family span a factor of about 16 in compute: read the exponents as
+local slopes with the intervals beside them (resamples of six runs whose envelope is too short
+for the law count as failed in families.json).
 
 Variants:  ':tiny' two one-layer widths × one budget of 8 steps per family (the tests).
 """

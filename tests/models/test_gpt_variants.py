@@ -111,10 +111,14 @@ def test_gqa_validation_names_the_fix():
         config_lib.validate(bad, 8)
 
 
-def test_hf_export_refuses_llama_layout():
+def test_hf_export_takes_llama_layout_and_refuses_hybrids():
     from bigmodel import hf
+    llama = hf.hf_config(gpt.model_config("llama_tiny"))
+    assert llama["architectures"] == ["LlamaForCausalLM"] and llama["num_key_value_heads"] == 2
+    hybrid = gpt.model_config("tiny")
+    hybrid.position = "rope"  # rotary positions with GPT-2's LayerNorm and GELU: neither layout
     with pytest.raises(ValueError, match="model.position='rope' has no Hugging Face GPT-2 equivalent"):
-        hf.hf_config(gpt.model_config("llama_tiny"))
+        hf.hf_config(hybrid)
     moe = gpt.model_config("tiny")
     moe.num_experts = 4
     with pytest.raises(ValueError, match="model.num_experts=4 has no Hugging Face GPT-2 equivalent"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from bigmodel import cli
@@ -79,3 +80,29 @@ def test_tiny_architectures_sweep_end_to_end(tmp_path, data_dir, monkeypatch):
     table = json.loads((tmp_path / "fit" / "families.json").read_text())
     assert [e["model"] for e in table] == ["gpt", "llama", "moe", "lstm"]
     assert (tmp_path / "fit" / "families_loss_vs_compute.png").stat().st_size > 10_000
+
+
+def noisy_family(family: str, alpha: float, noise: float, seed: int) -> list[dict]:
+    """Eight runs on L(C) = (1e20/C)^alpha, each loss off by a random factor exp(noise * z)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, c in enumerate(np.geomspace(1e11, 1e14, 8)):
+        loss = (1e20 / c) ** alpha * math.exp(noise * rng.standard_normal())
+        rows.append({"model": family, "run": f"{family}{i}", "params": str(c / 6e6), "tokens": "1e6",
+                     "flops": str(c), "loss": str(loss)})
+    return rows
+
+
+def test_family_exponents_have_bootstrap_intervals_and_only_real_differences_are_significant():
+    rows = noisy_family("a", 0.10, 0.002, 1) + noisy_family("b", 0.10, 0.002, 2) + noisy_family("c", 0.05, 0.002, 3)
+    table = {e["model"]: e for e in report.compare_families(rows, n_bootstrap=300)}
+    for family, alpha in (("a", 0.10), ("b", 0.10), ("c", 0.05)):
+        lo, hi = table[family]["alpha_c_ci95"]
+        assert lo < table[family]["alpha_c"] < hi and lo < alpha < hi and hi - lo < 0.01
+        assert table[family]["alpha_c_bootstrap"]["n_failed"] < 30
+    same, apart = table["a"]["alpha_c_vs"]["b"], table["a"]["alpha_c_vs"]["c"]
+    assert not same["significant"] and same["ci95"][0] < 0 < same["ci95"][1]
+    assert apart["significant"] and apart["difference"] == pytest.approx(0.05, abs=0.005) and apart["ci95"][0] > 0
+    assert table["c"]["alpha_c_vs"]["a"]["difference"] == pytest.approx(-apart["difference"])
+    text = report.format_families(list(table.values()))
+    assert "a - b:" in text and "a - c:" in text and "significant: a vs c, b vs c" in text
