@@ -39,6 +39,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from bigmodel import storage
+
 RECORD_PREFIX = "bigmodel_integrity"
 LEGACY_RECORD = "bigmodel_integrity.json"  # one record of every file by process 0, zlib CRC32 (older checkpoints)
 _RECORD = re.compile(r"bigmodel_integrity\.process_(\d+)\.json")
@@ -149,7 +151,11 @@ class Checkpointer:
     """Asynchronous, keep-the-last-k checkpoints under WORKDIR/checkpoints/STEP."""
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int, async_save: bool) -> None:
-        self.directory = pathlib.Path(os.path.abspath(workdir)) / "checkpoints"
+        # Orbax writes locally: into the workdir, or into a cache folder mirrored to the bucket.
+        self.remote = storage.is_remote(workdir)
+        self.directory = (storage.as_path(workdir) if self.remote else pathlib.Path(os.path.abspath(workdir))) \
+            / "checkpoints"
+        self.local = storage.cache_dir(str(self.directory)) if self.remote else self.directory
         self._keep, self._async = keep, async_save
         self._pending: int | None = None  # step of the save that may still be in flight
         self._finisher: threading.Thread | None = None  # waits for that save, then seals it
@@ -157,17 +163,75 @@ class Checkpointer:
         self._open()
 
     def _open(self) -> None:
+        if self.remote:
+            self._mirror()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self._keep,
             enable_async_checkpointing=self._async,
             create=True,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(epath.Path(self.local), options=options)
 
-    def step_dir(self, step: int) -> pathlib.Path:
-        """Directory of a step's checkpoint."""
+    def step_dir(self, step: int) -> epath.Path | pathlib.Path:
+        """Directory of a step's checkpoint (in the bucket for a workdir in one)."""
         return self.directory / str(step)
+
+    def _local(self, step: int) -> epath.Path:
+        """The local directory orbax reads and writes a step in."""
+        return epath.Path(self.local) / str(step)
+
+    # ------------------------------------------------------------------ the bucket mirror
+
+    def _bucket_steps(self) -> dict[int, set[int]]:
+        """{step: processes whose integrity record is in the bucket} of the step folders in the bucket."""
+        fs, steps = storage.filesystem(str(self.directory)), {}
+        for path in fs.glob(f"{self.directory}/*/{RECORD_PREFIX}.process_*.json"):
+            step, name = path.rstrip("/").split("/")[-2:]
+            if step.isdigit() and (match := _RECORD.fullmatch(name)):
+                steps.setdefault(int(step), set()).add(int(match.group(1)))
+        return steps
+
+    def _mirror(self) -> None:
+        """Make the local cache hold the bucket's complete steps, and the bucket this process's sealed local ones.
+
+        A step is complete in the bucket once process 0's integrity record is there: each
+        process uploads its record after its files. Local steps of an older cache that the
+        bucket lacks are uploaded (a run killed mid-upload); step folders of the bucket
+        without records are partial uploads and are left to `_prune`.
+        """
+        in_bucket = self._bucket_steps()
+        process = jax.process_index()
+        for step, owners in sorted(in_bucket.items()):
+            if 0 in owners and not (self._local(step) / record_name(process)).exists():
+                self._download(step, owners)
+        local = epath.Path(self.local)
+        if local.exists():
+            for path in local.iterdir():
+                if path.name.isdigit() and (path / record_name(process)).exists() \
+                        and process not in in_bucket.get(int(path.name), set()):
+                    self._upload(int(path.name), process)
+
+    def _download(self, step: int, owners: set[int]) -> None:
+        """Copy a step from the bucket into the local cache, the integrity records last."""
+        storage.download_tree(str(self.step_dir(step)), self._local(step), last=[record_name(p) for p in owners])
+
+    def _upload(self, step: int, process: int) -> None:
+        """Upload the files of a sealed step that `process` wrote, its integrity record last."""
+        for name in checkpoint_files(self._local(step)):
+            if writer(name) == process:
+                storage.upload_file(self._local(step) / name, f"{self.step_dir(step)}/{name}")
+        storage.upload_file(self._local(step) / record_name(process), f"{self.step_dir(step)}/{record_name(process)}")
+
+    def _prune(self) -> None:
+        """Delete the bucket's step folders that orbax no longer keeps (older than the last k, or partial)."""
+        kept = {str(s) for s in self.manager.all_steps()}
+        fs = storage.filesystem(str(self.directory))
+        bare = str(self.directory).split("://", 1)[1]
+        for path in fs.ls(bare, detail=False) if fs.exists(bare) else []:
+            name = path.rstrip("/").split("/")[-1]
+            if name.isdigit() and name not in kept:
+                storage.remove_tree(f"{self.directory}/{name}")
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -181,9 +245,17 @@ class Checkpointer:
             self._error = ("save", e)
             return
         try:
-            seal(self.step_dir(step), jax.process_index())
+            seal(self._local(step), jax.process_index())
         except BaseException as e:  # noqa: BLE001
             self._error = ("seal", e)
+            return
+        if self.remote:
+            try:
+                self._upload(step, jax.process_index())
+                if jax.process_index() == 0:
+                    self._prune()
+            except BaseException as e:  # noqa: BLE001
+                self._error = ("upload", e)
 
     def save(self, step: int, state: Any, data_iter: Any | None, config: dict) -> None:
         """Start saving (returns before an asynchronous write finishes); data_iter None saves no 'data' item.
@@ -219,14 +291,14 @@ class Checkpointer:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
-            step_dir = self.step_dir(step)
+            step_dir = self._local(step)
             problem = self._verify(step_dir)
             if problem is None:
                 try:
                     return step, self.restore(step, abstract_state, data_iter)
                 except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types on bad data
                     problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            self._quarantine(step_dir, problem)
+            self._quarantine(step, problem)
         if steps:
             raise CheckpointError(
                 f"none of the checkpoints in {self.directory} could be restored; they were moved aside as "
@@ -244,12 +316,17 @@ class Checkpointer:
                 problem = f"process {int(np.argmax(found))} found a damaged file"
         return problem
 
-    def _quarantine(self, step_dir: pathlib.Path, problem: str) -> None:
-        target = self.directory / f"corrupt-{step_dir.name}-{int(time.time())}"
-        print(f"checkpoint {step_dir} is damaged ({problem}); moved to {target}, trying the previous one",
+    def _quarantine(self, step: int, problem: str) -> None:
+        name = f"corrupt-{step}-{int(time.time())}"
+        target = self.directory / name
+        print(f"checkpoint {self.step_dir(step)} is damaged ({problem}); moved to {target}, trying the previous one",
               file=sys.stderr, flush=True)
         if jax.process_index() == 0:
-            os.replace(step_dir, target)
+            if self.remote:  # the bucket's copy is moved aside too, so no later run downloads it again
+                fs = storage.filesystem(str(self.directory))
+                if fs.exists(str(self.step_dir(step))):
+                    fs.mv(str(self.step_dir(step)), str(target), recursive=True)
+            self._local(step).rename(epath.Path(self.local) / name)
         self.manager.close()
         self._open()
 
@@ -260,7 +337,7 @@ class Checkpointer:
         iterator as it is: a fresh one starts from the beginning.
         """
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        with_data = data_iter is not None and (self.step_dir(step) / "data").is_dir()
+        with_data = data_iter is not None and (self._local(step) / "data").is_dir()
         if with_data:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -270,11 +347,11 @@ class Checkpointer:
 
     def restore_raw(self, step: int) -> Any:
         """The saved train state as a tree of host arrays (no target structure needed)."""
-        return ocp.StandardCheckpointer().restore(self.step_dir(step) / "state")
+        return ocp.StandardCheckpointer().restore(self._local(step) / "state")
 
     def saved_config(self, step: int) -> dict | None:
         """The config stored with a checkpoint, if readable."""
-        path = self.step_dir(step) / "config" / "metadata"
+        path = self._local(step) / "config" / "metadata"
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -296,6 +373,11 @@ class Checkpointer:
             error = error or ("save", e)
         if error and error[0] == "save":
             raise CheckpointError(self._failure(pending if pending is not None else -1, error[1])) from error[1]
+        if error and error[0] == "upload":
+            raise CheckpointError(
+                f"uploading checkpoint {self.step_dir(pending)} from {self._local(pending)} failed: "
+                f"{type(error[1]).__name__}: {error[1]}; the local copy is complete and the next save uploads it"
+            ) from error[1]
         if error:
             raise CheckpointError(
                 f"recording the integrity of checkpoint {self.step_dir(pending)} failed: "

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from bigmodel import exit_codes
+from bigmodel import exit_codes, storage
 from bigmodel.config import ConfigError
 
 # Modules that add their own subcommands through `register(subparsers)`.
@@ -179,7 +179,9 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"config file {path!r} does not exist; pass --config experiments/<name>.py[:VARIANT] "
                               "or a workdir's config.json")
     workdir = getattr(args, "workdir", None)
-    if workdir is not None and pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
+    if workdir is not None and storage.is_remote(workdir):
+        storage.check_bucket(workdir)  # gs:// or s3://: the bucket exists and the credentials work
+    elif workdir is not None and pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
         raise ConfigError(f"workdir {str(workdir)!r} is a file, not a directory; pass a directory (a new one is "
                           "created)")
 

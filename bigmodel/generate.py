@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,13 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bigmodel import checkpoint, sharding, train
+from bigmodel import checkpoint, sharding, storage, train
 from bigmodel.data import pipeline, tokenizers
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any]:
     """(config, module, variables, tokenizer) of a language model's checkpoint in a workdir (latest by default)."""
-    path = pathlib.Path(workdir)
+    path = storage.as_path(workdir)  # local or in a bucket
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{workdir} has no config.json; is it a bigmodel workdir?")
     config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))

@@ -13,23 +13,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from etils import epath
+
+from bigmodel import storage
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so readers see the old or the new content, never a partial one."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a file so readers see the old or the new content, never a partial one (local or in a bucket)."""
+    storage.write_text(path, text)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; a torn last line (crash mid-write) is ignored."""
     rows = []
-    path = pathlib.Path(path)
-    if not path.exists():
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
         return rows
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -38,25 +39,36 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class Jsonl:
-    """metrics.jsonl: one JSON row per logged step; non-finite values become null (NaN is not JSON)."""
+    """metrics.jsonl: one JSON row per logged step; non-finite values become null (NaN is not JSON).
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int, **_: Any) -> None:
+    In a bucket, where objects cannot be appended to, the file is rewritten whole at each row.
+    """
+
+    def __init__(self, workdir: epath.Path, resume_step: int, **_: Any) -> None:
         self.path = workdir / "metrics.jsonl"
+        self._remote = storage.is_remote(self.path)
         # On resume from step S, rows after S (written before a crash, to be recomputed) are dropped
         # first, so the file never holds two rows for one step.
         rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-        self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run; close() closes it
+        self._text = "".join(json.dumps(r) + "\n" for r in rows)  # the whole file (rewritten in a bucket)
+        atomic_write_text(self.path, self._text)
+        if not self._remote:
+            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run; close() closes it
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Append {'step': step, **scalars}."""
         row = {"step": step, **{k: float(v) if math.isfinite(v) else None for k, v in scalars.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._remote:
+            self._text += json.dumps(row) + "\n"
+            atomic_write_text(self.path, self._text)
+        else:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
 
     def close(self, summary: Mapping[str, Any] | None = None, error: BaseException | None = None) -> None:
         """Close the file (summary.json is the trainer's)."""
-        self._file.close()
+        if not self._remote:
+            self._file.close()
 
 
 def tag(key: str) -> str:
@@ -65,23 +77,32 @@ def tag(key: str) -> str:
 
 
 class TensorBoard:
-    """Event files in the workdir (`tensorboard --logdir WORKDIR`)."""
+    """Event files in the workdir (`tensorboard --logdir WORKDIR`).
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int, **_: Any) -> None:
+    In a bucket they are written to a local folder and uploaded at each row (storage.Staged).
+    """
+
+    def __init__(self, workdir: epath.Path, resume_step: int, **_: Any) -> None:
         from tensorboardX import SummaryWriter
 
+        self._events = storage.Staged(str(workdir))
         # purge_step makes TensorBoard drop points after the resume step from older event files.
-        self._tb = SummaryWriter(str(workdir), flush_secs=10, purge_step=resume_step + 1 if resume_step else None)
+        self._tb = SummaryWriter(str(self._events.local), flush_secs=10,
+                                 purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Add each finite scalar."""
         for key, value in scalars.items():
             if math.isfinite(value):
                 self._tb.add_scalar(tag(key), float(value), step)
+        if self._events.remote:
+            self._tb.flush()
+            self._events.sync()
 
     def close(self, summary: Mapping[str, Any] | None = None, error: BaseException | None = None) -> None:
         """Flush and close the event file."""
         self._tb.close()
+        self._events.close()
 
 
 def tracker_ids(workdir: pathlib.Path) -> dict[str, str]:
@@ -206,13 +227,13 @@ class MetricsWriter:
                  trackers: tuple[str, ...] = ("jsonl", "tensorboard"), project: str = "bigmodel",
                  tracking_uri: str = "", config: dict | None = None, run_info: dict | None = None) -> None:
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = storage.as_path(workdir) / "metrics.jsonl"
         self._trackers: list[Any] = []
         self._error: BaseException | None = None
         if not enabled:
             return
         for name in trackers:
-            self._trackers.append(TRACKERS[name](pathlib.Path(workdir), resume_step, project=project,
+            self._trackers.append(TRACKERS[name](storage.as_path(workdir), resume_step, project=project,
                                                  tracking_uri=tracking_uri, config=config or {},
                                                  run_info=run_info or {}))
 

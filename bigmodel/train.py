@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -35,10 +34,21 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from etils import epath
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from bigmodel import checkpoint, config as config_lib, data as data_lib, flops, metrics, models, sharding, tasks
+from bigmodel import (
+    checkpoint,
+    config as config_lib,
+    data as data_lib,
+    flops,
+    metrics,
+    models,
+    sharding,
+    storage,
+    tasks,
+)
 from bigmodel.data import tokenizers
 from bigmodel.models import moe
 
@@ -430,7 +440,7 @@ def incompatible_keys(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return diffs
 
 
-def start_over(workdir: pathlib.Path) -> pathlib.Path | None:
+def start_over(workdir: epath.Path) -> epath.Path | None:
     """Move a previous run's checkpoints and logs into WORKDIR/previous-TIME/ (nothing is deleted)."""
     names = ["checkpoints", "metrics.jsonl", "summary.json", *[p.name for p in workdir.glob("events.out.tfevents.*")]]
     present = [n for n in names if (workdir / n).exists()]
@@ -439,7 +449,7 @@ def start_over(workdir: pathlib.Path) -> pathlib.Path | None:
     target = workdir / time.strftime("previous-%Y%m%d-%H%M%S")
     target.mkdir()
     for name in present:
-        os.replace(workdir / name, target / name)
+        (workdir / name).rename(target / name)  # in a bucket: copied, then deleted
     return target
 
 
@@ -678,7 +688,7 @@ class Profile:
             print(f"profile of steps {self.first}-{self.last} written to {self.directory}", flush=True)
 
 
-def write_json(path: pathlib.Path, obj: Any) -> None:
+def write_json(path: epath.Path, obj: Any) -> None:
     """Atomically write pretty JSON."""
     metrics.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -692,7 +702,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     The metrics file, progress bar and checkpointer are closed on every way out.
     """
     wall_start = time.time()
-    workdir_path = pathlib.Path(workdir)
+    storage.check_bucket(workdir)  # a missing bucket or credentials: one line before any work
+    workdir_path = storage.as_path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     mesh = run_mesh(config)

@@ -17,6 +17,8 @@ import sysconfig
 
 import tensorflow_datasets as tfds
 
+from bigmodel import storage
+
 
 def stdlib_source() -> str:
     """Glob of the running interpreter's standard-library sources (site-packages excluded)."""
@@ -24,7 +26,9 @@ def stdlib_source() -> str:
 
 
 def resolve_files(source: str) -> tuple[str, list[str]]:
-    """(root, sorted relative paths) for a directory or glob; '' means the stdlib."""
+    """(root, sorted relative paths) for a directory or glob (local, gs:// or s3://); '' means the stdlib."""
+    if storage.is_remote(source):
+        return _resolve_in_bucket(source)
     pattern = source or stdlib_source()
     if os.path.isdir(pattern):
         pattern = os.path.join(pattern, "**", "*")
@@ -40,6 +44,20 @@ def resolve_files(source: str) -> tuple[str, list[str]]:
     return root, files
 
 
+def _resolve_in_bucket(source: str) -> tuple[str, list[str]]:
+    """resolve_files for a bucket folder or glob (fsspec's glob: '*' within a folder, '**' across folders)."""
+    storage.check_bucket(source)
+    fs = storage.filesystem(source)
+    scheme, bare = source.split("://", 1)
+    pattern = bare.rstrip("/") + "/**" if fs.isdir(bare) else bare
+    root = pattern.split("*", 1)[0]
+    root = root if root.endswith("/") else root.rsplit("/", 1)[0] + "/"
+    files = sorted(p[len(root):] for p in fs.glob(pattern) if p.startswith(root) and fs.isfile(p))
+    if not files:
+        raise FileNotFoundError(f"config.data.source={source!r} matches no objects; give a bucket folder or a glob")
+    return f"{scheme}://{root}", files
+
+
 def is_validation(relative_path: str, fraction: float) -> bool:
     """Deterministic file-level split from a hash of the path."""
     bucket = int(hashlib.sha1(relative_path.encode()).hexdigest()[:8], 16) % 10_000
@@ -52,7 +70,7 @@ def config_name(source: str, validation_fraction: float = 0.05) -> str:
     if not source:
         version = sysconfig.get_python_version().replace(".", "_")
         return f"cpython_stdlib_{version}{split}"
-    digest = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
+    digest = hashlib.sha1((source if storage.is_remote(source) else os.path.abspath(source)).encode()).hexdigest()[:10]
     stem = "".join(c if c.isalnum() else "_" for c in pathlib.Path(source.split("*")[0]).name)[:30]
     return f"files_{stem}_{digest}{split}"
 
@@ -92,8 +110,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
                 "adjust config.data.validation_fraction or add files"
             )
         for rel in chosen:
-            with open(os.path.join(root, rel), "rb") as f:
-                data = f.read()
+            if storage.is_remote(root):
+                data = storage.as_path(root + rel).read_bytes()
+            else:
+                with open(os.path.join(root, rel), "rb") as f:
+                    data = f.read()
             yield rel, {"text": data, "path": rel}
 
 

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from bigmodel import storage
+
 
 class Tokenizer(Protocol):
     """What the pipelines and `generate` need from a tokenizer."""
@@ -263,6 +265,10 @@ def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> pathlib.Path | N
     name = kind(tokenizer)
     if name is None:
         return None
+    if storage.is_remote(directory):  # written locally, then uploaded file by file (the info file last)
+        with tempfile.TemporaryDirectory() as local:
+            storage.upload_tree(save(tokenizer, local), storage.as_path(directory) / RUN_DIR, last=[INFO_FILE])
+        return storage.as_path(directory) / RUN_DIR
     target = pathlib.Path(directory) / RUN_DIR
     target.mkdir(parents=True, exist_ok=True)
     info = {"kind": name, "vocab_size": int(tokenizer.vocab_size), "eod_id": int(tokenizer.eod_id)}
@@ -280,7 +286,16 @@ def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> pathlib.Path | N
 
 
 def load(directory: str | os.PathLike) -> Tokenizer | None:
-    """The tokenizer `save` wrote under DIRECTORY/tokenizer/, or None if there is none (older workdirs)."""
+    """The tokenizer `save` wrote under DIRECTORY/tokenizer/, or None if there is none (older workdirs).
+
+    A workdir in a bucket: the folder is downloaded into the local cache first (storage.cache_dir).
+    """
+    if storage.is_remote(directory):
+        remote = f"{str(directory).rstrip('/')}/{RUN_DIR}"
+        if not storage.as_path(remote).joinpath(INFO_FILE).exists():
+            return None
+        storage.download_tree(remote, storage.cache_dir(str(directory)) / RUN_DIR)
+        directory = storage.cache_dir(str(directory))
     target = pathlib.Path(directory) / RUN_DIR
     if not (target / INFO_FILE).exists():
         return None

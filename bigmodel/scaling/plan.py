@@ -47,7 +47,7 @@ from pathlib import Path
 
 import ml_collections
 
-from bigmodel import config as config_lib
+from bigmodel import config as config_lib, storage
 from bigmodel.config import ConfigError
 
 LADDER_FIELDS = {  # model family -> the fields a (width, depth) point sets
@@ -91,10 +91,23 @@ class Sweep:
     workdir: Path
     config: ml_collections.ConfigDict
     runs: list[Run]
+    # For a sweep in a bucket (gs://, s3://): its URL. `workdir` is then a local folder for the
+    # sweep's own files (results.csv, fit/, run configs, logs), uploaded there after each change,
+    # while each run trains with its workdir in the bucket.
+    remote: str | None = None
 
     def run_dir(self, run: Run) -> Path:
-        """The workdir of one run."""
+        """The folder of one run's sweep files (and, for a local sweep, its workdir)."""
         return self.workdir / "runs" / run.id
+
+    def train_dir(self, run: Run) -> Path | str:
+        """The workdir `bigmodel train` gets for one run: in the bucket for a sweep in one."""
+        return f"{self.remote}/runs/{run.id}" if self.remote else self.run_dir(run)
+
+    def upload(self) -> None:
+        """Copy the sweep's own files to the bucket (nothing to do for a local sweep)."""
+        if self.remote:
+            storage.upload_tree(self.workdir, self.remote, skip=(".results.lock",))
 
 
 def load_sweep_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -349,4 +362,7 @@ def load(spec: str, overrides: Sequence[str], workdir: str | Path, num_devices: 
         import jax
 
         num_devices = jax.device_count()
+    if storage.is_remote(workdir):
+        return Sweep(spec, list(overrides), storage.cache_dir(str(workdir)) / "sweep", config,
+                     plan(config, num_devices), remote=str(workdir).rstrip("/"))
     return Sweep(spec, list(overrides), Path(workdir), config, plan(config, num_devices))

@@ -50,17 +50,19 @@ def run_config_text(run: Run, sweep_spec: str) -> str:
     )
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The trainer's summary.json of a run, or None."""
+def read_summary(run_dir: Path | str) -> dict[str, Any] | None:
+    """The trainer's summary.json of a run (a local folder or one in a bucket), or None."""
+    from bigmodel import storage
+
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        return json.loads(storage.read_text(f"{run_dir}/summary.json"))
     except (OSError, json.JSONDecodeError):
         return None
 
 
 def is_finished(sweep: Sweep, run: Run) -> bool:
     """Whether the run's summary says it reached its planned steps."""
-    summary = read_summary(sweep.run_dir(run))
+    summary = read_summary(sweep.train_dir(run))
     return summary is not None and summary.get("step") == run.steps
 
 
@@ -99,7 +101,7 @@ def write_run_files(sweep: Sweep) -> None:
 def result_row(sweep: Sweep, run: Run) -> dict[str, Any]:
     """One results.csv row: the plan, the sweep's status and the trainer's summary."""
     run_dir = sweep.run_dir(run)
-    summary, status = read_summary(run_dir), read_status(run_dir)
+    summary, status = read_summary(sweep.train_dir(run)), read_status(run_dir)
     row: dict[str, Any] = {
         "run": run.id, "model": run.family, "width": run.width, "depth": run.depth,
         "params": run.params or "", "params_nonembed": run.params_nonembed if run.params else "",
@@ -139,13 +141,14 @@ def write_results(sweep: Sweep) -> list[dict[str, Any]]:
     with _results_lock(sweep.workdir):
         rows = [result_row(sweep, run) for run in sweep.runs]
         results.write_csv_atomic(sweep.workdir / results.RESULTS, rows)
+        sweep.upload()
     return rows
 
 
 # --------------------------------------------------------------------------- running
 
 
-def train_command(run_config: Path, run_dir: Path) -> list[str]:
+def train_command(run_config: Path, run_dir: Path | str) -> list[str]:
     """`bigmodel train` for one run (through this interpreter, so no PATH lookup)."""
     return [sys.executable, "-m", "bigmodel.cli", "train", "--config", str(run_config), "--workdir", str(run_dir)]
 
@@ -224,7 +227,8 @@ def _launch(sweep: Sweep, run: Run) -> _Active:
     out = open(run_dir / "stdout.log", "w")  # noqa: SIM115
     err = open(run_dir / "stderr.log", "w")  # noqa: SIM115
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(train_command(run_dir / "run_config.py", run_dir), stdout=out, stderr=err, env=env)
+    proc = subprocess.Popen(train_command(run_dir / "run_config.py", sweep.train_dir(run)), stdout=out, stderr=err,
+                            env=env)
     write_status(run_dir, status="running", error="", pid=proc.pid, host=os.uname().nodename)
     return _Active(run, proc, time.time(), [out, err])
 
@@ -236,7 +240,7 @@ def _settle(sweep: Sweep, active: _Active) -> float:
     run, run_dir, rc = active.run, sweep.run_dir(active.run), active.proc.returncode
     seconds = time.time() - active.started
     wall = round(float(read_status(run_dir).get("wall_s") or 0.0) + seconds, 2)  # all attempts together
-    summary = read_summary(run_dir)
+    summary = read_summary(sweep.train_dir(run))
     if rc == 0 and summary is not None and summary.get("step") == run.steps:
         write_status(run_dir, status="finished", error="", wall_s=wall)
     elif rc == exit_codes.PREEMPTED:  # the trainer saved a checkpoint on SIGTERM/SIGINT

@@ -22,6 +22,7 @@ import json
 from typing import Any
 
 from bigmodel import exit_codes
+from bigmodel.config import ConfigError
 from bigmodel.scaling import emit, plan, report, results
 from bigmodel.scaling.plan import Sweep
 from bigmodel.scaling.runner import Interrupted, is_finished, run_local, write_results, write_run_files
@@ -67,10 +68,11 @@ def execute(sweep: Sweep, parallel: int = 1, only: str | None = None) -> int:
     complete = all(r["status"] == "finished" for r in rows)
     if (todo or not (sweep.workdir / "fit").exists()) and (complete or only is None):
         finalize(sweep, rows)
+    sweep.upload()  # the fit and its plots
     failed = [r for r, run in zip(rows, sweep.runs) if run in selected and r["status"] != "finished"]
     print(f"[sweep] {sum(r['status'] == 'finished' for r in rows)}/{len(rows)} runs finished"
           + (f"; {len(failed)} failed (rerun the same command to retry them)" if failed else "")
-          + f"; table: {sweep.workdir / results.RESULTS}", flush=True)
+          + f"; table: {sweep.remote or sweep.workdir}/{results.RESULTS}", flush=True)
     return 1 if failed else 0
 
 
@@ -80,6 +82,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan.print_plan(sweep.runs)
         return 0
+    if args.emit and sweep.remote:
+        raise ConfigError(f"--emit writes job scripts for a local or shared --workdir, not a bucket ({sweep.remote}); "
+                          "run the sweep here with --workdir in the bucket, or emit with a shared file system path")
     if args.emit:
         sweep.workdir.mkdir(parents=True, exist_ok=True)
         write_run_files(sweep)
