@@ -33,7 +33,7 @@ def test_plan_spans_a_decade_and_the_holdout_is_4x_the_largest_run():
     sweep = runs(LAW)
     nonembed = [r.params_nonembed for r in sweep]
     assert max(nonembed) / min(nonembed) >= 10
-    assert len({r.tokens for r in sweep}) == 3 and max(r.tokens for r in sweep) / min(r.tokens for r in sweep) >= 4
+    assert len({r.tokens for r in sweep}) == 3 and max(r.tokens for r in sweep) / min(r.tokens for r in sweep) >= 2
     (held,) = runs(LAW + ":holdout")
     assert held.flops >= 4 * max(r.flops for r in sweep)
     assert held.id not in {r.id for r in sweep}
