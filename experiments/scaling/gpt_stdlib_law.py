@@ -28,10 +28,15 @@ Expected:  validation loss in nats/byte (measured):
            Kaplan et al.'s L(N, D) without an irreducible term, fitted to the same 12 runs,
            predicts 1.794 (0.93% off) with embeddings and 1.812 (0.04%) without. With 2x of D
            the fit takes width 16's flattening between 3M and 4M for the approach to E.
+           Adding widths 16 and 24 on 8.2M tokens (2.169 and 2.008: width 16 had not
+           flattened; 4 min a run) and refitting the 14 runs: still degenerate (E 1.65
+           [2e-10, 1.85] / 1.58 [3e-10, 1.82]; alpha 0.45 [0.082, 1.43] / 0.29 [0.062, 1.07];
+           beta 1.04 [0.11, 2.75]), held-out predicted 1.888 / 1.886 (+4.3% / +4.2%, inside
+           [1.76, 1.97]); Kaplan's L(N, D) then 2.9% / 2.1% off.
            At 1M tokens (1,000 steps) loss was flat in N (2.641-2.754, width 24 best): still
            optimisation-limited, like the first run's budgets (batch 32, 125-782 steps, below),
-           so the plan starts at 2M. Next: more of D (8M-16M tokens for the small widths, which
-           needs more than this hour on 2 cores) and rates re-tuned at batch 8.
+           so the plan starts at 2M. Next: more of D (8M-16M tokens for every width, more than
+           an hour on 2 cores) and rates re-tuned at batch 8.
            First run (batch 32, 512k-3.2M tokens): loss did not fall with N, alpha < 0 and the
            fit refused (benchmarks/scaling-law-2026-12-06/README.md).
 
