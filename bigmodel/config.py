@@ -262,6 +262,7 @@ VALUE_RULES: dict[str, Range] = {
     "sweep.lr_exponent": FINITE,
     "sweep.warmup_fraction": DECAY,  # 0: the base config's warmup_steps
     "sweep.min_steps": POSITIVE_INT,
+    "sweep.max_flops": NON_NEGATIVE,  # 0: no compute cap
     "sweep.fit_bootstrap": COUNT,
 }
 

@@ -113,9 +113,14 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
         description="Fit Chinchilla approaches 1-3 and Kaplan power laws to a results CSV with "
                     "columns params, tokens, loss (flops optional, else 6*N*D). Writes "
                     "OUTDIR/fit.json and PNG plots, and prints a summary.")
-    p.add_argument("results", type=Path, metavar="RESULTS.csv", help="one row per training run")
+    p.add_argument("results", type=Path, nargs="+", metavar="RESULTS.csv",
+                   help="one row per training run; the rows of several files are fitted together "
+                        "(say a sweep's results.csv and its held-out runs', with --holdout largest:K)")
     p.add_argument("--out", type=Path, required=True, metavar="OUTDIR",
                    help="directory for fit.json and the plots (created if missing)")
+    p.add_argument("--params-column", default="", metavar="COLUMN",
+                   help="take N from this column, e.g. params_nonembed to count parameters without the "
+                        "embedding tables [default: params_active where present, else params]")
     p.add_argument("--budgets", type=parse_budgets, default=None, metavar="C1,C2,...",
                    help="FLOP budgets (6*N*D) for compute-optimal predictions "
                         "[default: 1x, 10x, 100x, 1000x the largest run, rounded to a power of 10]")
@@ -202,12 +207,12 @@ def run_fit(args: argparse.Namespace) -> int:
     """Run `bigmodel scaling fit`; bad input exits with a one-line error."""
     t0 = time.perf_counter()
     try:
-        data = results.read_results(args.results)
+        data = results.read_many(args.results, args.params_column)
         held = None
         if args.holdout is not None:
             data, held = holdout.split(data, args.holdout)
             print(f"holding out {len(held)} runs ({args.holdout})", file=sys.stderr)
-        print(f"fitting {len(data)} runs from {args.results} ...", file=sys.stderr)
+        print(f"fitting {len(data)} runs from {data.source} ...", file=sys.stderr)
         report = fitlib.fit_all(
             data, budgets=args.budgets, n_bootstrap=args.bootstrap, seed=args.seed,
             starts=fitlib.STARTS[args.starts](), flops_rtol=args.flops_rtol, progress=True)

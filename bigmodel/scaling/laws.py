@@ -305,7 +305,11 @@ def bootstrap_approach3(data: ScalingData, fit: Approach3Fit, n_resamples: int =
         except ScalingDataError:
             failed += 1
             continue
-        f = _fit_from_theta(theta, value, len(sample), len(starts), fit.delta)
+        try:
+            f = _fit_from_theta(theta, value, len(sample), len(starts), fit.delta)
+        except OverflowError:  # a refit that ran off to an unbounded A, B or E (a few runs, one N or D)
+            failed += 1
+            continue
         if f.alpha <= 0 or f.beta <= 0:  # a resample the law does not describe: counted as failed
             failed += 1
             continue

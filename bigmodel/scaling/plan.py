@@ -27,6 +27,8 @@ Size rules (all in ``sweep``):
   when the fraction is 0. The batch size is the base's for every run, so a run's tokens
   are ``steps * batch_size * seq_len``, and the cosine schedule of every run ends at its
   own last step.
+* ``max_flops``: planned runs whose 6·N·D exceeds it are left out (0: no cap), so a grid can
+  give small models long budgets without its largest model taking them all.
 * ``run_overrides``: ``'PATTERN:key=value'`` strings applied to runs whose id matches the
   shell pattern, e.g. ``'gpt_w512_*:train.grad_accum=2'``.
 
@@ -279,6 +281,8 @@ def _family_points(base: ml_collections.ConfigDict, sweep: ml_collections.Config
                 steps = steps_for(budget / (6.0 * (params - inactive)), tokens_per_step) if params else 0
             if not error and steps < sweep.min_steps:
                 continue  # too short to mean anything (isoFLOP budgets spanning many sizes)
+            if not error and sweep.max_flops and 6 * (params - inactive) * steps * tokens_per_step > sweep.max_flops:
+                continue  # over the compute cap: a grid that gives the largest models fewer budgets
             yield Run(
                 index=-1, id="", family=label, width=int(width), depth=depth, steps=steps,
                 tokens=steps * tokens_per_step, params=params, params_nonembed=params - embed,

@@ -204,19 +204,36 @@ def _make_data(columns: dict[str, np.ndarray], source: str,
         flops_source="column" if has_flops else "6ND", source=source)
 
 
-def read_results(path: str | Path) -> ScalingData:
+def read_results(path: str | Path, params_column: str = "") -> ScalingData:
     """Read a results CSV with columns params, tokens, loss (flops optional).
 
     With a params_active column (mixtures of experts: the parameters one token uses) N is
-    that column rather than params.
+    that column rather than params; `params_column` names another column to take N from
+    (say params_nonembed, to count parameters without the embedding tables).
     """
+    extra = (params_column,) if params_column and params_column not in REQUIRED_COLUMNS else ()
     columns, lines = _read_table(
-        path, REQUIRED_COLUMNS, (*OPTIONAL_COLUMNS, "params_active"),
+        path, (*REQUIRED_COLUMNS, *extra), (*OPTIONAL_COLUMNS, "params_active"),
         hint="Rename the columns, or read other layouts with an adapter such as "
              "read_chinchilla_reference.")
-    if "params_active" in columns:
+    if params_column:
+        columns["params"] = columns.pop(params_column)
+        columns.pop("params_active", None)
+    elif "params_active" in columns:
         columns["params"] = columns.pop("params_active")
     return _make_data(columns, str(path), lines)
+
+
+def read_many(paths: Sequence[str | Path], params_column: str = "") -> ScalingData:
+    """The runs of several results CSVs (say a sweep's and its held-out runs'), each read by read_results."""
+    parts = [read_results(p, params_column) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    sources = {d.flops_source for d in parts}
+    return ScalingData(
+        params=np.concatenate([d.params for d in parts]), tokens=np.concatenate([d.tokens for d in parts]),
+        flops=np.concatenate([d.flops for d in parts]), loss=np.concatenate([d.loss for d in parts]),
+        flops_source=sources.pop() if len(sources) == 1 else "mixed", source=" + ".join(d.source for d in parts))
 
 
 def read_chinchilla_reference(path: str | Path) -> ScalingData:

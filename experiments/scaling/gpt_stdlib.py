@@ -69,6 +69,7 @@ def sweep_config() -> ml_collections.ConfigDict:
     s.tokens = (409_600, 819_200, 1_638_400)  # grid budgets: 100, 200, 400 steps of 4,096 tokens
     s.flops = (5e11, 1.5e12, 4.5e12)  # isoFLOP budgets (6·N·D, N with embeddings)
     s.min_steps = 20  # planned runs shorter than this are left out
+    s.max_flops = 0.0  # planned runs above this 6ND are left out (0: no cap)
     s.base_width = 128  # the width at which base.optim.learning_rate is tuned
     s.lr_exponent = 1.0  # lr = base lr * (base_width / width) ** lr_exponent
     s.warmup_fraction = 0.05  # warmup = 5% of each run's steps (0: base.optim.warmup_steps)

@@ -350,6 +350,24 @@ def test_flops_column_is_optional(tmp_path):
     np.testing.assert_allclose(data.flops, 7 * data.params * data.tokens)
 
 
+def test_params_column_and_several_files_are_read_together(tmp_path):
+    cols = _good_columns()
+    cols["params_nonembed"] = [0.5 * float(p) for p in cols["params"]]
+    first = write_csv(tmp_path / "a.csv", cols)
+    more = {k: v[:3] for k, v in cols.items()}
+    more["flops"] = [7.0 * float(p) * float(t) for p, t in zip(more["params"], more["tokens"])]
+    second = write_csv(tmp_path / "b.csv", more)
+    both = results.read_many([first, second], "params_nonembed")
+    n = len(cols["params"])
+    assert len(both) == n + 3 and both.source == f"{first} + {second}" and both.flops_source == "mixed"
+    np.testing.assert_allclose(both.params, [0.5 * float(p) for p in cols["params"] + cols["params"][:3]])
+    np.testing.assert_allclose(both.flops[:n], 6 * both.params[:n] * both.tokens[:n])  # no flops column: 6ND, N as read
+    np.testing.assert_allclose(both.flops[n:], 7 * 2 * both.params[n:] * both.tokens[n:])
+    assert results.read_many([first]).params.tolist() == [float(p) for p in cols["params"]]
+    with pytest.raises(results.ScalingDataError, match=r"missing column\(s\) 'params_active'"):
+        results.read_results(first, "params_active")
+
+
 def test_a_fit_whose_loss_rises_with_size_is_refused_with_the_reason():
     n = np.array([1e5, 1e5, 3e5, 3e5, 1e6, 1e6, 3e6, 3e6])
     d = np.array([1e7, 4e7] * 4)
