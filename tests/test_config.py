@@ -1,7 +1,7 @@
 """Config loading, overrides and validation: every refusal names the key and the fix."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from bigmodel import config as config_lib
 from bigmodel.config import ConfigError
@@ -134,16 +134,19 @@ def test_rules_must_name_mesh_axes():
         config_lib.validate(c, 8)
 
 
+@settings(deadline=None)  # each example loads an experiment file: its time is not the property
 @given(st.integers(min_value=-(10**12), max_value=10**12))
 def test_int_override_roundtrip(value):
     assert load(f"train.steps={value}").train.steps == value
 
 
+@settings(deadline=None)  # each example loads an experiment file: its time is not the property
 @given(st.floats(allow_nan=False, allow_infinity=False))
 def test_float_override_roundtrip(value):
     assert load(f"optim.learning_rate={value!r}").optim.learning_rate == value
 
 
+@settings(deadline=None)  # each example loads an experiment file: its time is not the property
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
 def test_string_override_is_verbatim(value):
     assert load(f"data.source={value}").data.source == value
