@@ -60,9 +60,17 @@ ACCELERATOR_NODES = {
 
 
 def configure() -> bool:
-    """Apply both settings where the backend will be the CPU (see above); True if it will."""
+    """Apply both settings where the backend will be the CPU (see above); True if it will.
+
+    Where plugins are installed but none finds a device (the compile-only CUDA and TPU
+    plugins of `bigmodel plan --target` on a CPU host), JAX_PLATFORMS=cpu is set before JAX
+    starts, so that JAX does not try to start them and print their failure (a traceback from
+    the CUDA plugin, libtpu's own warnings) on every command.
+    """
     if not backend_is_cpu():
         return False
+    if "jax" not in sys.modules and not os.environ.get("JAX_PLATFORMS") and accelerator_plugins():
+        os.environ["JAX_PLATFORMS"] = "cpu"
     tune_malloc()
     set_xla_cpu_flags()
     return True
