@@ -250,6 +250,7 @@ VALUE_RULES: dict[str, Range] = {
     "data.*_fraction": UNIT,  # mask_token_fraction, random_token_fraction
     "data.*_id": COUNT,  # bos_id, eos_id
     "data.prefetch": COUNT,
+    "data.shuffle_window": COUNT,
     "data.threads": COUNT,
     "data.crop_padding": COUNT,
     "data.spm_vocab_size": POSITIVE_INT,

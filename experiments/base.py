@@ -108,6 +108,7 @@ def text_data() -> ml_collections.ConfigDict:
     d.spm_vocab_size = 4096
     d.seq_len = 128
     d.prefetch = 0  # batches prefetched by a background thread
+    d.shuffle_window = 0  # training sequences shuffled within windows of this many after packing (0: off)
     # Prepared token stores (`bigmodel prepare`); when set they replace name/source above, and
     # tokenizer is 'store' (the stores' own) or the tokenizer they must have been prepared with.
     d.sources = ()  # store directories; several are mixed

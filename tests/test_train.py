@@ -70,8 +70,10 @@ def test_tensorboard_has_the_curves(tiny_run):
 
 
 @pytest.mark.slow
-def test_stop_and_resume_matches_uninterrupted(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["optim.decay_steps=12", "log.every=2", "eval.every=4", "checkpoint.every=4"]
+@pytest.mark.parametrize("window", [0, 20])  # 20 packed sequences: the stop at step 6 falls inside a window
+def test_stop_and_resume_matches_uninterrupted(tmp_path, tiny_overrides, window):
+    common = tiny_overrides + [f"data.shuffle_window={window}", "optim.decay_steps=12", "log.every=2", "eval.every=4",
+                               "checkpoint.every=4"]
     assert train_cli(tmp_path / "straight", common + ["train.steps=12"]) == 0
     assert train_cli(tmp_path / "stopped", common + ["train.steps=6"]) == 0
     assert train_cli(tmp_path / "stopped", common + ["train.steps=12"]) == 0

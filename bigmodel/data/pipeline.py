@@ -24,7 +24,7 @@ import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
 from bigmodel.config import ConfigError
 from bigmodel.data import text_files, tokenizers
@@ -138,10 +138,14 @@ def lm_dataset(
     shard: tuple[int, int] = (0, 1),
     prefetch: int = 0,
     repeat: bool = True,
+    shuffle_window: int = 0,
 ) -> grain.IterDataset:
     """This process's rows of packed global LM batches.
 
     seed=None reads the documents in order; repeat=False makes one pass (evaluation).
+    shuffle_window > 0 shuffles the packed sequences within windows of that many (grain's
+    WindowShuffleIterDataset, whose state the checkpoints keep): without it a batch holds
+    consecutive pieces of one or two documents, since packing cuts each document in order.
     """
     index, count = shard
     if batch_size % count:
@@ -155,6 +159,8 @@ def lm_dataset(
     eod = np.asarray([tokenizer.eod_id], np.int32)
     ds = ds.map(lambda ex: {"tokens": np.concatenate([tokenizer.encode(ex[text_key]), eod])})
     it = ConcatThenSplitIterDataset(ds.to_iter_dataset(READ_OPTIONS), length_struct={"tokens": seq_len + 1})
+    if shuffle_window and seed is not None:
+        it = WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seed)
     it = it.map(_lm_example(tokenizer.token_bytes)).batch(batch_size, drop_remainder=True)
     if count > 1:
         it = it.map(lambda batch: {k: v[rows] for k, v in batch.items()})
@@ -199,12 +205,14 @@ def lm_data(
     train = lm_dataset(
         source.train, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
         batch_size=batch_size, seed=seed, shard=shard, prefetch=cfg.prefetch,
+        shuffle_window=cfg.get("shuffle_window", 0),
     )
 
     def eval_batches() -> Iterator[dict]:
         it = lm_dataset(
             source.eval, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
             batch_size=eval_batch_size, seed=EVAL_ORDER_SEED, shard=shard, repeat=False,
+            shuffle_window=cfg.get("shuffle_window", 0),
         )
         for i, batch in enumerate(it):
             if i >= num_eval_batches:

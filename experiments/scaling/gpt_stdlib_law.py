@@ -5,52 +5,56 @@ Command:   bigmodel sweep --config experiments/scaling/gpt_stdlib_law.py --workd
            bigmodel scaling fit runs/law/results.csv runs/law_holdout/results.csv --holdout largest:1 \
                --out runs/law_check [--params-column params_nonembed]
            bigmodel scaling predict runs/law_check/fit.json --params N --tokens D
-Hardware:  2 CPU cores shared with other work (load average 5-14), every run at nice -n 5.
-Wall time: measured 2026-12-06 (benchmarks/scaling-law-2026-12-06/, "second run"): 22 min 26 s
-           for 13 runs 2 at a time (budgets 1M, 2M and 4M: the 8 of this plan plus the five
-           1M runs since dropped, see below) with the held-out run alongside (785 s, 13.5 min
-           for its sweep), and 12 min for the four 3M runs one at a time beside them; 67-305 s
-           a run. Each fit below: about 3 minutes (4,500 starts, 100 resamples).
-Expected:  validation loss in nats/byte (measured):
-             width (non-embedding params)  2M      3M      4M
-             16 (6,592)                    2.425   2.304   2.296
-             24 (14,496)                   2.329   2.208   2.171
-             32 (25,472)                   2.290   2.182   2.087
-             48 (56,640)                   2.194   2.065   over the cap
-             64 (100,096)                  2.165   over the cap
-           Held-out run (width 64, 8.4M tokens, 4.10x the largest run's 6ND): 1.8109.
-           Loss falls with N at every budget and with D at every width, yet the approach-3
-           fit is degenerate, so the issue's criteria are NOT met: E = 1.73 [7e-10, 2.03]
-           (95% bootstrap interval) with N counting embeddings, 1.60 [6e-10, 2.03] without;
-           alpha 0.36 [0.064, 1.69] / 0.21 [0.051, 1.23]; beta 2.39 [0.12, 7.2] both ways.
-           It predicts the held-out run at 1.962 / 1.960 (+8.3%; inside the wide 95% run
-           interval [1.75, 2.09]), and `scaling predict` refuses it (E's interval reaches 0).
-           Kaplan et al.'s L(N, D) without an irreducible term, fitted to the same 12 runs,
-           predicts 1.794 (0.93% off) with embeddings and 1.812 (0.04%) without. With 2x of D
-           the fit takes width 16's flattening between 3M and 4M for the approach to E.
-           Adding widths 16 and 24 on 8.2M tokens (2.169 and 2.008: width 16 had not
-           flattened; 4 min a run) and refitting the 14 runs: still degenerate (E 1.65
-           [2e-10, 1.85] / 1.58 [3e-10, 1.82]; alpha 0.45 [0.082, 1.43] / 0.29 [0.062, 1.07];
-           beta 1.04 [0.11, 2.75]), held-out predicted 1.888 / 1.886 (+4.3% / +4.2%, inside
-           [1.76, 1.97]); Kaplan's L(N, D) then 2.9% / 2.1% off.
-           At 1M tokens (1,000 steps) loss was flat in N (2.641-2.754, width 24 best): still
-           optimisation-limited, like the first run's budgets (batch 32, 125-782 steps, below),
-           so the plan starts at 2M. Next: more of D (8M-16M tokens for every width, more than
-           an hour on 2 cores) and rates re-tuned at batch 8.
-           First run (batch 32, 512k-3.2M tokens): loss did not fall with N, alpha < 0 and the
-           fit refused (benchmarks/scaling-law-2026-12-06/README.md).
+Hardware:  2 CPU cores, otherwise idle (load average about 2: the sweep's own two runs).
+Wall time: measured 2026-12-06 (benchmarks/scaling-law-2026-12-06/, "third run"): the sweep,
+           24 runs two at a time, 22 min 51 s (26 s to 5 min 12 s a run); the held-out run
+           alone 7 min 3 s; each fit 26 s (4,500 starts, 100 bootstrap resamples).
+Expected:  validation loss in nats/byte (measured; 48 batches of 32 x 128 bytes):
+             width (non-embedding params)  2M     4M     8M     16M    33M
+             16 (6,592)                    2.190  2.107  2.027  1.996  1.937
+             24 (14,496)                   2.015  1.934  1.860  1.785  1.699
+             32 (25,472)                   1.920  1.821  1.720  1.676  1.579
+             48 (56,640)                   1.837  1.695  1.595  1.496  over the cap
+             64 (100,096)                  1.749  1.606  1.493  over the cap
+             96 (223,872)                  1.705  1.552  over the cap
+           Held-out run (':holdout', width 96 on 20.5M tokens, 3.35e13 FLOPs, 4.07x the largest
+           run; the compute-optimal allocation the sweep's own fit gives for that budget,
+           rounded to the ladder): 1.2519.
+           The issue's criteria are NOT met. The approach-3 fit of the 24 runs (N with
+           embeddings) gives E 0.962 [1.2e-10, 1.24], A 123 [16, 998], B 108 [5.2, 2.2e4],
+           alpha 0.534 [0.277, 0.774], beta 0.362 [0.087, 0.753] (95% bootstrap intervals):
+           every point estimate positive and both exponents bounded away from 0, but 10 of the
+           100 resampled fits put E at 0, so E's interval reaches 0 and `scaling predict`
+           refuses the law. Without embeddings: E 0.908 [1.1e-10, 1.21], alpha 0.393 [0.193,
+           0.551], beta 0.352 [0.107, 0.751]. It predicts the held-out run at 1.360 / 1.359
+           (+8.6% / +8.5%, outside the 95% run interval [1.280, 1.446] / [1.277, 1.441]).
+           Kaplan et al.'s L(N, D) = ((N_c/N)^(a_N/a_D) + D_c/D)^a_D on the same runs predicts
+           1.249 (-0.25%) with embeddings and 1.271 (+1.5%) without, so N counted with
+           embeddings predicts better here. The additive law misses an interaction the runs
+           show: the wider the model, the more each doubling of D buys (0.08 nats at width 16,
+           0.15 at widths 48-96), and its residuals change sign with N at each D (+2.9% for
+           width 16 and -1.7% for width 96 at 2M tokens; -2.0% and +2.3% for widths 16 and 64
+           at their longest runs). Fits that hold back the sweep's own largest runs miss them
+           the same way: held-back wider models predicted 2.5-5.5% too low, held-back longer
+           runs 3-4.5% too high, for any subset of widths, budgets or tokens-per-parameter band tried.
+           Batches matter as much as the plan: with `data.shuffle_window = 0` a batch of 8
+           rows is 8 consecutive pieces of one file, the evaluation loss of a run swings by up
+           to 0.4 nats between evaluations as the last files seen change, and longer runs can
+           end worse than shorter ones (width 16: 2.300 on 16M tokens, 2.347 on 33M); the same
+           plan on such batches gave a law with E 1.83 and alpha 0.83 whose held-back runs
+           were off by up to 10% (sweep3-unshuffled-*.csv, sweep3-eval-curves.csv).
 
-Plan:      widths 16, 24, 32, 48, 64 at two layers (head dim 8): 6.6k to 100k non-embedding
-           parameters (15.2x; 15k to 133k with the tied 384-byte table and 128 positions).
-           Batch 8 x 128 bytes. Token budgets 2M, 3M and 4M (2,000-4,000 steps), each run's
-           6ND capped at 1.7e12 (sweep.max_flops): 12 runs, the largest width 64 on 2M
-           (1.63e12). Learning rate from the first run's ':lr' sweep at batch 32 (6e-3,
-           1.5e-2, 4e-2 on 512k tokens): 1.5e-2 was best at width 16 and 6e-3 at width 64, so
-           lr = 1.5e-2 * (16 / width)^0.661; not re-tuned at batch 8. Warmup 5% of each run,
-           cosine to 10% at each run's own end. Held-out run (':holdout'): width 64 on 8.4M
-           tokens, 6.69e12 FLOPs, 4.10x the sweep's largest run, never seen by the fit.
+Plan:      widths 16, 24, 32, 48, 64, 96 at two layers (head dim 8): 6.6k to 224k
+           non-embedding parameters (34x; 15k to 273k with the tied 384-byte table and 128
+           positions). Batch 8 x 128 bytes; packed sequences shuffled in windows of 16,384
+           (about 170 files) so each batch mixes files. Budgets 2M-33M tokens (2,000-32,000
+           steps, 16x), each run's 6ND capped at 1e13 (sweep.max_flops): 24 runs, the largest
+           width 32 on 33M (8.2e12). Learning rate 9.8e-3 * (16 / width)^0.434: the vertices
+           of 3-point rate scans at widths 16 and 96 on 4M tokens (sweep3-lr.csv). Warmup 5%
+           of each run, cosine to 10% at each run's end. Held-out run (':holdout'): width 96
+           on 20.5M tokens, never seen by the fit.
 
-Variants:  ':lr' the learning-rate sweep: widths 16 and 64 on 2M tokens at the rate given by
+Variants:  ':lr' the rate scan: widths 16 and 96 on 4M tokens at the rate given by
            --config.base.optim.learning_rate; ':holdout' the held-out run; ':tiny' a few
            seconds a run (gpt_stdlib's ':tiny' ladder) and ':tiny,holdout' its held-out run at
            4x its largest run's compute, which the tests run end to end.
@@ -66,11 +70,14 @@ base = config_lib.experiment_module(pathlib.Path(__file__).parents[1] / "base.py
 
 VARIANTS = ("", "tiny", "lr", "holdout", "tiny,holdout")
 
-WIDTHS = (16, 24, 32, 48, 64)
-BATCH = 8  # sequences of 128 bytes a step: 1,024 tokens, 4x the steps per token of batch 32
-TOKENS = (2_048_000, 3_072_000, 4_096_000)  # 2,000, 3,000 and 4,000 steps of 1,024 tokens
-MAX_FLOPS = 1.7e12  # 6ND cap: leaves out width 64 on 3M and 4M, 48 on 4M; the largest run is width 64 on 2M (1.63e12)
-HOLDOUT = (64, 8_396_800)  # width, tokens (8,200 steps): 4.10x the compute of the largest run
+WIDTHS = (16, 24, 32, 48, 64, 96)
+BATCH = 8  # sequences of 128 bytes a step: 1,024 tokens
+TOKENS = (2_048_000, 4_096_000, 8_192_000, 16_384_000, 32_768_000)  # 2,000 to 32,000 steps
+MAX_FLOPS = 1e13  # 6ND cap (N with embeddings): the largest run is width 32 on 33M tokens (8.2e12)
+LR = 9.8e-3  # at width 16: vertex of 3.5e-3, 7e-3, 1.4e-2 (2.180, 2.120, 2.121) on 4M tokens
+LR_EXPONENT = 0.434  # 4.5e-3 at width 96: vertex of 2.5e-3, 5e-3, 1e-2 (1.571, 1.555, 1.584)
+SHUFFLE_WINDOW = 16_384  # packed sequences (2.1M bytes, ~170 files): a batch mixes files, not pieces of one
+HOLDOUT = (96, 20_480_000)  # width, tokens: the sweep fit's N_opt 2.5e5, D_opt 2.2e7 at 3.35e13 FLOPs, on the ladder
 TINY_HOLDOUT = (64, 98_304)  # 4x the compute of ':tiny''s largest run (width 64, 24,576 tokens)
 
 
@@ -86,16 +93,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         s.head_dim = 8
         s.tokens = TOKENS
         s.max_flops = MAX_FLOPS
-        c.base.optim.learning_rate = 1.5e-2  # at base_width (the best of 6e-3, 1.5e-2, 4e-2 at width 16)
+        c.base.optim.learning_rate = LR  # at base_width
         s.base_width = 16
-        s.lr_exponent = 0.661  # 6e-3 at width 64, the best of the three rates there
+        s.lr_exponent = LR_EXPONENT
         s.warmup_fraction = 0.05
         c.base.train.batch_size = BATCH
-        c.base.eval.every = 1000  # and at each run's last step; 16 batches of 32 x 128 bytes (65k tokens)
-        c.base.checkpoint.every = 4000
+        c.base.eval.every = 4000  # and at each run's last step
+        c.base.eval.num_batches = 48  # of 32 x 128 bytes: 197k validation tokens
+        c.base.data.shuffle_window = SHUFFLE_WINDOW
+        c.base.checkpoint.every = 8000
     if arg == "lr":
         s.widths = (WIDTHS[0], WIDTHS[-1])
-        s.tokens = (TOKENS[0],)  # the first run tuned at batch 32 on 512k tokens (see Plan)
+        s.tokens = (TOKENS[1],)  # 4M tokens
         s.lr_exponent = 0.0  # the rate on the command line, at both widths
         s.max_flops = 0.0
         s.fit_bootstrap = 0

@@ -58,20 +58,61 @@ def test_packing_loses_no_tokens():
     assert stream == expected
 
 
-def test_pipeline_resumes_at_the_same_batch():
+@pytest.mark.parametrize("window", [0, 10])  # 10 packed sequences: the state is taken inside the second window
+def test_pipeline_resumes_at_the_same_batch(window):
     tok = tokenizers.ByteTokenizer()
     texts = [bytes([65 + i % 26]) * (10 + 3 * i) for i in range(40)]
-    ds = pipeline.lm_dataset(docs_of(texts), tok, text_key="text", seq_len=8, batch_size=2, seed=3)
+    ds = pipeline.lm_dataset(docs_of(texts), tok, text_key="text", seq_len=8, batch_size=2, seed=3,
+                             shuffle_window=window)
     it = iter(ds)
     for _ in range(7):
         next(it)
     state = it.get_state()
-    expected = [next(it) for _ in range(5)]
+    expected = [next(it) for _ in range(12)]
     fresh = iter(ds)
     fresh.set_state(state)
     for want in expected:
         got = next(fresh)
         np.testing.assert_array_equal(got["inputs"], want["inputs"])
+
+
+def letter_docs(n=60):
+    """Documents of one repeated letter each (26 letters cycling), 40-80 bytes long."""
+    return docs_of([bytes([65 + i % 26]) * (40 + (7 * i) % 41) for i in range(n)])
+
+
+def letters_per_batch(ds, steps):
+    """Distinct document letters in each of the first batches (the end-of-document id left out)."""
+    return [len(set(np.unique(b["inputs"])) - {tokenizers.ByteTokenizer().eod_id})
+            for b in itertools.islice(ds, steps)]
+
+
+def test_shuffle_window_mixes_documents_in_each_batch_and_keeps_every_sequence():
+    tok = tokenizers.ByteTokenizer()
+    plain = pipeline.lm_dataset(letter_docs(), tok, text_key="text", seq_len=8, batch_size=8, seed=5)
+    mixed = pipeline.lm_dataset(letter_docs(), tok, text_key="text", seq_len=8, batch_size=8, seed=5,
+                                shuffle_window=64)
+    # packing cuts documents in order, so 8 consecutive 9-byte pieces come from one or two documents
+    assert max(letters_per_batch(plain, 40)) <= 3
+    assert np.mean(letters_per_batch(mixed, 40)) >= 5
+    # within each window the same sequences arrive, only reordered
+    window = lambda ds: sorted(map(tuple, np.concatenate([b["inputs"] for b in itertools.islice(ds, 8)])))
+    assert window(plain) == window(mixed)
+    again = pipeline.lm_dataset(letter_docs(), tok, text_key="text", seq_len=8, batch_size=8, seed=5,
+                                shuffle_window=64)
+    for a, b in zip(itertools.islice(mixed, 20), itertools.islice(again, 20)):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_shuffle_window_spreads_the_evaluation_sample_over_more_documents():
+    tok = tokenizers.ByteTokenizer()
+    first = lambda window: list(itertools.islice(pipeline.lm_dataset(
+        letter_docs(), tok, text_key="text", seq_len=8, batch_size=8, seed=pipeline.EVAL_ORDER_SEED,
+        repeat=False, shuffle_window=window), 2))
+    assert sum(letters_per_batch(first(0), 2)) < sum(letters_per_batch(first(200), 2))
+    # one pass still ends: the window holds the rest of the split
+    assert sum(1 for _ in pipeline.lm_dataset(letter_docs(), tok, text_key="text", seq_len=8, batch_size=8,
+                                              seed=1, repeat=False, shuffle_window=10_000)) > 0
 
 
 def test_processes_split_each_global_batch():
