@@ -261,6 +261,8 @@ VALUE_RULES: dict[str, Range] = {
     "sweep.num_layers": COUNT,  # 0: width / aspect_ratio
     "sweep.aspect_ratio": POSITIVE,
     "sweep.lr_exponent": FINITE,
+    "sweep.lr_tokens_exponent": FINITE,
+    "sweep.base_tokens": POSITIVE,
     "sweep.warmup_fraction": DECAY,  # 0: the base config's warmup_steps
     "sweep.min_steps": POSITIVE_INT,
     "sweep.max_flops": NON_NEGATIVE,  # 0: no compute cap

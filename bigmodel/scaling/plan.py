@@ -22,7 +22,9 @@ Size rules (all in ``sweep``):
   embedding and recurrent widths both equal the width.
 * learning rate ``base.optim.learning_rate * (base_width / width) ** lr_exponent``
   (lr ∝ 1/width for Adam, as in μP, with ``lr_exponent = 1``; 0 keeps one rate, which is
-  what a GPT with ``model.mup=True`` needs: the trainer then scales the hidden rates itself).
+  what a GPT with ``model.mup=True`` needs: the trainer then scales the hidden rates itself),
+  times ``(base_tokens / tokens) ** lr_tokens_exponent`` (0 by default: one rate for every
+  budget; a positive exponent lowers the rate of longer runs).
 * warmup ``round(warmup_fraction * steps)`` (at least 1), or ``base.optim.warmup_steps``
   when the fraction is 0. The batch size is the base's for every run, so a run's tokens
   are ``steps * batch_size * seq_len``, and the cosine schedule of every run ends at its
@@ -209,9 +211,13 @@ def steps_for(tokens: float, tokens_per_step: int) -> int:
     return max(1, round(tokens / tokens_per_step))
 
 
-def learning_rate_for(base_lr: float, sweep: ml_collections.ConfigDict, width: int) -> float:
-    """base_lr * (base_width / width) ** lr_exponent."""
-    return float(base_lr * (sweep.base_width / width) ** sweep.lr_exponent)
+def learning_rate_for(base_lr: float, sweep: ml_collections.ConfigDict, width: int, tokens: float) -> float:
+    """base_lr * (base_width / width) ** lr_exponent * (base_tokens / tokens) ** lr_tokens_exponent."""
+    lr = base_lr * (sweep.base_width / width) ** sweep.lr_exponent
+    gamma = sweep.get("lr_tokens_exponent", 0.0)
+    if gamma:
+        lr *= (sweep.base_tokens / tokens) ** gamma
+    return float(lr)
 
 
 def warmup_for(base_warmup: int, sweep: ml_collections.ConfigDict, steps: int) -> int:
@@ -287,7 +293,7 @@ def _family_points(base: ml_collections.ConfigDict, sweep: ml_collections.Config
                 index=-1, id="", family=label, width=int(width), depth=depth, steps=steps,
                 tokens=steps * tokens_per_step, params=params, params_nonembed=params - embed,
                 params_active=params - inactive,
-                learning_rate=learning_rate_for(base.optim.learning_rate, sweep, width),
+                learning_rate=learning_rate_for(base.optim.learning_rate, sweep, width, steps * tokens_per_step),
                 budget_tokens=budget if sweep.mode == "grid" else None,
                 budget_flops=budget if sweep.mode == "isoflop" else None,
                 config=cfg, error=error,

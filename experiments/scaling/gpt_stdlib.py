@@ -72,6 +72,8 @@ def sweep_config() -> ml_collections.ConfigDict:
     s.max_flops = 0.0  # planned runs above this 6ND are left out (0: no cap)
     s.base_width = 128  # the width at which base.optim.learning_rate is tuned
     s.lr_exponent = 1.0  # lr = base lr * (base_width / width) ** lr_exponent
+    s.lr_tokens_exponent = 0.0  # ... * (base_tokens / tokens) ** lr_tokens_exponent (0: every budget alike)
+    s.base_tokens = 1_638_400  # the budget at which base.optim.learning_rate is tuned
     s.warmup_fraction = 0.05  # warmup = 5% of each run's steps (0: base.optim.warmup_steps)
     s.run_overrides = ()  # 'PATTERN:key=value', e.g. 'gpt_w128_*:train.grad_accum=2'
     s.fit_starts = "hoffmann"  # approach-3 starts: 'hoffmann' (4,500) or 'small' (32)

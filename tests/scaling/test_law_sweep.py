@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bigmodel import cli
+from bigmodel import cli, config as config_lib
 from bigmodel.scaling import laws, plan as planning, results
 
 from conftest import REPO, SMALL_CORPUS
@@ -40,7 +40,8 @@ def test_plan_spans_a_decade_and_the_holdout_is_4x_the_largest_run():
     # The held-out run is trained the way the sweep's runs are: same rate rule at its width, same data order.
     assert held.config.data.shuffle_window == sweep[0].config.data.shuffle_window > 0
     (same_width,) = [r for r in sweep if r.width == held.width and r.tokens == sweep[0].tokens]
-    assert held.learning_rate == same_width.learning_rate
+    gamma = config_lib.experiment_module(LAW).LR_TOKENS_EXPONENT  # the rate falls with the run's tokens
+    assert held.learning_rate == pytest.approx(same_width.learning_rate * (same_width.tokens / held.tokens) ** gamma)
     assert held.config.optim.warmup_steps == round(0.05 * held.steps)
 
 

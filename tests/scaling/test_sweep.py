@@ -52,6 +52,17 @@ def test_grid_plan_applies_the_ladder_and_size_rules():
     assert w48.params_nonembed == 2 * (12 * 48 * 48 + 13 * 48) + 2 * 48
 
 
+def test_learning_rate_falls_with_the_token_budget_when_asked():
+    runs = plan(GPT_STDLIB, "sweep.lr_tokens_exponent=0.5", "sweep.base_tokens=819200")
+    for r in runs:
+        want = 3e-3 * 128 / r.width * (819_200 / r.tokens) ** 0.5
+        assert r.config.optim.learning_rate == pytest.approx(want) == r.learning_rate
+    by_budget = {r.tokens: r.learning_rate for r in runs if r.width == 128}
+    assert by_budget[409_600] == pytest.approx(2 * by_budget[1_638_400])  # 4x the tokens: half the rate
+    with pytest.raises(config_lib.ConfigError, match="base_tokens"):
+        plan(GPT_STDLIB, "sweep.base_tokens=0")
+
+
 def test_isoflop_plan_has_d_equal_c_over_6n_in_whole_steps():
     runs = plan(GPT_STDLIB + ":isoflop")
     budgets = (5e11, 1.5e12, 4.5e12)
