@@ -202,17 +202,18 @@ def lm_data(
     """Build the training and evaluation pipelines for language modelling."""
     source = text_source(cfg)
     tokenizer = make_tokenizer(cfg, source)
+    window = cfg.get("shuffle_window", 0)  # absent from the saved configs of runs made before it existed
     train = lm_dataset(
         source.train, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
         batch_size=batch_size, seed=seed, shard=shard, prefetch=cfg.prefetch,
-        shuffle_window=cfg.get("shuffle_window", 0),
+        shuffle_window=window,
     )
 
     def eval_batches() -> Iterator[dict]:
         it = lm_dataset(
             source.eval, tokenizer, text_key=source.text_key, seq_len=cfg.seq_len,
             batch_size=eval_batch_size, seed=EVAL_ORDER_SEED, shard=shard, repeat=False,
-            shuffle_window=cfg.get("shuffle_window", 0),
+            shuffle_window=window,
         )
         for i, batch in enumerate(it):
             if i >= num_eval_batches:

@@ -214,9 +214,8 @@ def steps_for(tokens: float, tokens_per_step: int) -> int:
 def learning_rate_for(base_lr: float, sweep: ml_collections.ConfigDict, width: int, tokens: float) -> float:
     """base_lr * (base_width / width) ** lr_exponent * (base_tokens / tokens) ** lr_tokens_exponent."""
     lr = base_lr * (sweep.base_width / width) ** sweep.lr_exponent
-    gamma = sweep.get("lr_tokens_exponent", 0.0)
-    if gamma:
-        lr *= (sweep.base_tokens / tokens) ** gamma
+    if sweep.lr_tokens_exponent:
+        lr *= (sweep.base_tokens / tokens) ** sweep.lr_tokens_exponent
     return float(lr)
 
 
