@@ -31,6 +31,9 @@ Size rules (all in ``sweep``):
   own last step.
 * ``max_flops``: planned runs whose 6·N·D exceeds it are left out (0: no cap), so a grid can
   give small models long budgets without its largest model taking them all.
+* ``tokens_per_param``: ``(low, high)`` keeps the runs whose D / N lies in that band (() or 0
+  for a bound: none), so isoFLOP profiles can stay near the compute-optimal ratio instead of
+  spending budgets on sizes far from it.
 * ``run_overrides``: ``'PATTERN:key=value'`` strings applied to runs whose id matches the
   shell pattern, e.g. ``'gpt_w512_*:train.grad_accum=2'``.
 
@@ -260,6 +263,20 @@ def _apply_run_overrides(cfg: ml_collections.ConfigDict, run_id: str, overrides:
             config_lib.apply_override(cfg, key, value)
 
 
+def _in_band(ratio: float, band: Sequence[float]) -> bool:
+    """Whether a run's tokens per parameter lie in sweep.tokens_per_param = (low, high); 0 or () for no bound."""
+    if not band:
+        return True
+    if len(band) != 2:
+        raise ConfigError(f"config.sweep.tokens_per_param={tuple(band)!r}; give (low, high), 0 for no bound, "
+                          "or () for no band")
+    low, high = band
+    if low < 0 or high < 0 or (low and high and high < low):
+        raise ConfigError(f"config.sweep.tokens_per_param={tuple(band)!r}; bounds are >= 0 (0: none) with "
+                          "low <= high")
+    return (not low or ratio >= low) and (not high or ratio <= high)
+
+
 def _family_points(base: ml_collections.ConfigDict, sweep: ml_collections.ConfigDict, label: str) -> Iterator[Run]:
     """Runs of one family before ids, overrides and validation; a bad size yields runs with an error."""
     if "mup" in base.model and base.model.mup and sweep.lr_exponent != 0:
@@ -288,6 +305,8 @@ def _family_points(base: ml_collections.ConfigDict, sweep: ml_collections.Config
                 continue  # too short to mean anything (isoFLOP budgets spanning many sizes)
             if not error and sweep.max_flops and 6 * (params - inactive) * steps * tokens_per_step > sweep.max_flops:
                 continue  # over the compute cap: a grid that gives the largest models fewer budgets
+            if not error and not _in_band(steps * tokens_per_step / (params - inactive), sweep.tokens_per_param):
+                continue  # outside the tokens-per-parameter band
             yield Run(
                 index=-1, id="", family=label, width=int(width), depth=depth, steps=steps,
                 tokens=steps * tokens_per_step, params=params, params_nonembed=params - embed,

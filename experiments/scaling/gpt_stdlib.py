@@ -70,6 +70,7 @@ def sweep_config() -> ml_collections.ConfigDict:
     s.flops = (5e11, 1.5e12, 4.5e12)  # isoFLOP budgets (6·N·D, N with embeddings)
     s.min_steps = 20  # planned runs shorter than this are left out
     s.max_flops = 0.0  # planned runs above this 6ND are left out (0: no cap)
+    s.tokens_per_param = ()  # (low, high): runs whose D / N lies outside are left out (() or 0: no bound)
     s.base_width = 128  # the width at which base.optim.learning_rate is tuned
     s.lr_exponent = 1.0  # lr = base lr * (base_width / width) ** lr_exponent
     s.lr_tokens_exponent = 0.0  # ... * (base_tokens / tokens) ** lr_tokens_exponent (0: every budget alike)

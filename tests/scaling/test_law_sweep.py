@@ -3,6 +3,7 @@ its ':tiny' version end to end with the held-out run, checked by `bigmodel scali
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -22,27 +23,62 @@ def runs(spec: str, *overrides: str) -> list[planning.Run]:
     return planning.load(spec, list(overrides), "unused", num_devices=1).runs
 
 
+def _get(cfg, key: str):
+    """cfg's value at a dotted key."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
 def test_max_flops_leaves_out_the_runs_above_the_cap():
     uncapped = runs(LAW, "sweep.max_flops=0")
-    capped = runs(LAW, "sweep.max_flops=5e11")
-    assert len(uncapped) == 6 * 5 and 0 < len(capped) < len(uncapped)
-    assert {r.id for r in capped} == {r.id for r in uncapped if r.flops <= 5e11}
+    capped = runs(LAW, "sweep.max_flops=3e12")
+    assert 0 < len(capped) < len(uncapped)
+    assert {r.id for r in capped} == {r.id for r in uncapped if r.flops <= 3e12}
 
 
-def test_plan_spans_a_decade_and_the_holdout_is_4x_the_largest_run():
+def test_tokens_per_param_band_keeps_the_runs_near_a_ratio():
+    every = runs(LAW, "sweep.tokens_per_param=()")
+    banded = runs(LAW, "sweep.tokens_per_param=(10, 100)")
+    low_only = runs(LAW, "sweep.tokens_per_param=(10, 0)")
+    ratio = {r.id: r.tokens / r.params_active for r in every}
+    assert len(every) == len(config_lib.experiment_module(LAW).WIDTHS) * len(config_lib.experiment_module(LAW).FLOPS)
+    assert {r.id for r in banded} == {k for k, v in ratio.items() if 10 <= v <= 100}
+    assert {r.id for r in low_only} == {k for k, v in ratio.items() if v >= 10}
+    assert 0 < len(banded) < len(low_only) < len(every)
+    for bad in ("(10,)", "(-1, 100)", "(100, 10)"):
+        with pytest.raises(config_lib.ConfigError, match="tokens_per_param"):
+            runs(LAW, f"sweep.tokens_per_param={bad}")
+
+
+def test_plan_spans_a_decade_near_the_optimum_and_the_holdout_is_4x_the_largest_run():
+    law = config_lib.experiment_module(LAW)
     sweep = runs(LAW)
     nonembed = [r.params_nonembed for r in sweep]
     assert max(nonembed) / min(nonembed) >= 10
-    assert len({r.tokens for r in sweep}) == 5 and max(r.tokens for r in sweep) / min(r.tokens for r in sweep) >= 16
+    low, high = law.TOKENS_PER_PARAM
+    assert all(low <= r.tokens / r.params <= high for r in sweep)
+    for budget in law.FLOPS:  # isoFLOP profiles: at least 3 sizes a budget, each run's 6ND on it to a step
+        profile = [r for r in sweep if r.budget_flops == budget]
+        assert len(profile) >= 3
+        assert all(abs(r.flops - budget) <= 6 * r.params * 32 * law.SEQ_LEN for r in profile)
     (held,) = runs(LAW + ":holdout")
     assert held.flops >= 4 * max(r.flops for r in sweep)
     assert held.id not in {r.id for r in sweep}
-    # The held-out run is trained the way the sweep's runs are: same rate rule at its width, same data order.
-    assert held.config.data.shuffle_window == sweep[0].config.data.shuffle_window > 0
-    (same_width,) = [r for r in sweep if r.width == held.width and r.tokens == sweep[0].tokens]
-    gamma = config_lib.experiment_module(LAW).LR_TOKENS_EXPONENT  # the rate falls with the run's tokens
-    assert held.learning_rate == pytest.approx(same_width.learning_rate * (same_width.tokens / held.tokens) ** gamma)
+    assert low <= held.tokens / held.params <= high
+    # The held-out run is trained the way the sweep's runs are: same context, batch, data order and rate rule.
+    for key in ("data.seq_len", "model.max_len", "train.batch_size", "data.shuffle_window", "eval.num_batches"):
+        assert _get(held.config, key) == _get(sweep[0].config, key), key
+    assert held.config.data.seq_len == law.SEQ_LEN and held.config.data.shuffle_window > 0
+    assert held.learning_rate == pytest.approx(law.LR * (16 / held.width) ** law.LR_EXPONENT)
     assert held.config.optim.warmup_steps == round(0.05 * held.steps)
+
+
+def test_lr_variant_scans_the_smallest_and_largest_scanned_widths():
+    law = config_lib.experiment_module(LAW)
+    scan = runs(LAW + ":lr", "base.optim.learning_rate=0.01")
+    assert [r.width for r in scan] == list(law.LR_SCAN_WIDTHS)
+    assert {r.tokens for r in scan} == {law.LR_SCAN_TOKENS}
+    expected = [0.01 * (16 / w) ** law.LR_EXPONENT for w in law.LR_SCAN_WIDTHS]
+    assert [r.learning_rate for r in scan] == pytest.approx(expected)
 
 
 @pytest.fixture(scope="module")
