@@ -297,21 +297,22 @@ def _family_points(base: ml_collections.ConfigDict, sweep: ml_collections.Config
                 params, embed, inactive = count_params(cfg)
             except (ConfigError, ValueError, TypeError) as e:
                 error = f"config error: {e}"
+            active = params - inactive  # the N of 6ND and of tokens per parameter
             if sweep.mode == "grid":
                 steps = steps_for(budget, tokens_per_step)
             else:
-                steps = steps_for(budget / (6.0 * (params - inactive)), tokens_per_step) if params else 0
+                steps = steps_for(budget / (6.0 * active), tokens_per_step) if params else 0
+            tokens = steps * tokens_per_step
             if not error and steps < sweep.min_steps:
                 continue  # too short to mean anything (isoFLOP budgets spanning many sizes)
-            if not error and sweep.max_flops and 6 * (params - inactive) * steps * tokens_per_step > sweep.max_flops:
+            if not error and sweep.max_flops and 6 * active * tokens > sweep.max_flops:
                 continue  # over the compute cap: a grid that gives the largest models fewer budgets
-            if not error and not _in_band(steps * tokens_per_step / (params - inactive), sweep.tokens_per_param):
+            if not error and not _in_band(tokens / active, sweep.tokens_per_param):
                 continue  # outside the tokens-per-parameter band
             yield Run(
                 index=-1, id="", family=label, width=int(width), depth=depth, steps=steps,
-                tokens=steps * tokens_per_step, params=params, params_nonembed=params - embed,
-                params_active=params - inactive,
-                learning_rate=learning_rate_for(base.optim.learning_rate, sweep, width, steps * tokens_per_step),
+                tokens=tokens, params=params, params_nonembed=params - embed, params_active=active,
+                learning_rate=learning_rate_for(base.optim.learning_rate, sweep, width, tokens),
                 budget_tokens=budget if sweep.mode == "grid" else None,
                 budget_flops=budget if sweep.mode == "isoflop" else None,
                 config=cfg, error=error,
