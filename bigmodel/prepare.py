@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
     """Add `bigmodel prepare`."""
     p = sub.add_parser("prepare", help="tokenize a corpus (jsonl, parquet, text, TFDS, HF on disk) into a token store")
     p.add_argument("--source", required=True,
-                   help="a directory, a glob or a file (tfds: the dataset name; hf-disk: the save_to_disk folder)")
+                   help="a directory, a glob or a file (tfds: the dataset name, or text_files for this Python's "
+                        "standard library through the text-files builder; hf-disk: the save_to_disk folder)")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="jsonl (also .gz, .zst), parquet, text (one file = one document), tfds, hf-disk")
     p.add_argument("--out", required=True, help="the store directory (an unfinished one is resumed)")

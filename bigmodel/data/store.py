@@ -191,13 +191,28 @@ def _jsonl_records(path: str, text_key: str) -> Iterator[str]:
         yield record[text_key]
 
 
-def _text_records(path: str) -> Iterator[str]:
-    data = epath.Path(path).read_bytes()
+def _as_text(data: bytes) -> str:
+    """UTF-8 bytes as text; bytes that are not UTF-8 become lone surrogates (Python's surrogateescape), which
+    the byte tokenizer turns back into exactly those bytes and every other tokenizer refuses (_check_utf8)."""
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _check_utf8(where: str, text: str) -> None:
     try:
-        yield data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise StoreError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 "
-                         "(e.g. iconv -t utf-8) or leave it out of --source") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        offset = len(text[:e.start].encode("utf-8", errors="surrogateescape"))
+        raise StoreError(f"{where} is not UTF-8 text (byte {offset}); only --tokenizer byte keeps bytes that are "
+                         "not UTF-8: convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out of --source") from None
+
+
+def _record_name(opts: Any, unit: Unit, k: int) -> str:
+    """Where record k of a unit comes from, for messages: the text file, or the TFDS record's index."""
+    return unit.path if opts.format == "text" else f"{unit.path} record {max(unit.part, 0) + k}"
+
+
+def _text_records(path: str) -> Iterator[str]:
+    yield _as_text(epath.Path(path).read_bytes())
 
 
 def _parquet_file(path: str) -> Any:
@@ -256,7 +271,7 @@ def _tfds_records(name: str, data_dir: str, split: str, start: int, stop: int,
     ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     for i in range(start, stop):
         text = ds[i][text_key]
-        yield text.decode("utf-8") if isinstance(text, bytes) else text
+        yield _as_text(text) if isinstance(text, bytes) else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +288,10 @@ def plan_units(fmt: str, source: str, data_dir: str = "", split: str = "train") 
     if fmt == "tfds":
         import tensorflow_datasets as tfds
 
+        if source == "text_files":  # this Python's standard-library sources through our builder, built once
+            from bigmodel.data import text_files
+
+            source = f"text_files/{text_files.prepare('', data_dir).builder_config.name}"
         try:
             n = len(tfds.data_source(source, split=split, data_dir=data_dir or None, download=False))
         except Exception as e:  # noqa: BLE001 - tfds raises several types for an unprepared set
@@ -353,6 +372,7 @@ def _prepare_unit(args: tuple[int, Unit, str, epath.Path]) -> dict[str, Any]:
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     byte_counts = np.zeros(256, np.int64)  # of validation documents: the unigram baseline
     records = unit_records(opts.format, unit, opts.text_key, opts.data_dir, opts.split)
+    seen = 0
     while True:
         texts = [t for _, t in zip(range(ENCODE_BATCH), records)]
         if not texts:
@@ -361,10 +381,14 @@ def _prepare_unit(args: tuple[int, Unit, str, epath.Path]) -> dict[str, Any]:
             bad = next(t for t in texts if not isinstance(t, str))
             raise StoreError(f"{unit.path}: field {opts.text_key!r} holds {type(bad).__name__}, not text; "
                              "pass the --text-key of a string field")
+        if not isinstance(tok, tokenizers.ByteTokenizer):  # only tfds and text records can hold surrogates
+            for k, text in enumerate(texts):
+                _check_utf8(_record_name(opts, unit, seen + k), text)
+        seen += len(texts)
         for text, ids in zip(texts, _encode_many(tok, texts)):
             split = "validation" if split_bucket(text) < opts.validation_fraction * 10_000 else "train"
             out[split] += [ids, eod]
-            data = text.encode("utf-8", errors="replace")
+            data = text.encode("utf-8", errors="surrogateescape")
             stats[split]["documents"] += 1
             stats[split]["tokens"] += len(ids) + 1
             stats[split]["bytes"] += len(data)
@@ -419,8 +443,9 @@ def _corpus_sample(opts: Options, units: list[Unit], max_chars: int = 20_000_000
     def texts() -> Iterator[str]:
         seen = 0
         for unit in units:
-            for text in unit_records(opts.format, unit, opts.text_key, opts.data_dir, opts.split):
+            for k, text in enumerate(unit_records(opts.format, unit, opts.text_key, opts.data_dir, opts.split)):
                 if split_bucket(text) >= opts.validation_fraction * 10_000:
+                    _check_utf8(_record_name(opts, unit, k), text)
                     yield text
                     seen += len(text)
                     if seen >= max_chars:

@@ -50,8 +50,8 @@ class ByteTokenizer:
         self.token_bytes[self.eod_id] = 0
 
     def encode(self, text: bytes | str) -> np.ndarray:
-        """Text -> its UTF-8 bytes as int32 ids."""
-        data = text.encode("utf-8") if isinstance(text, str) else text
+        """Text -> its UTF-8 bytes as int32 ids (lone surrogates from surrogateescape: the bytes they stand for)."""
+        data = text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else text
         return np.frombuffer(data, np.uint8).astype(np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:

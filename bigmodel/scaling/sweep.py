@@ -44,8 +44,18 @@ def finalize(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
         print(f"[sweep] plot {path}", flush=True)
 
 
+def check_stores(runs: list) -> None:
+    """Open the token stores the runs read (their manifests) before any run starts, so that a store not yet
+    prepared stops the sweep at once with the store's error instead of failing every run in turn."""
+    from bigmodel.data import store
+
+    for path in sorted({p for r in runs if r.config is not None for p in r.config.data.get("sources", ())}):
+        store.Store(path)
+
+
 def execute(sweep: Sweep, parallel: int = 1, only: str | None = None) -> int:
     """Run the sweep's unfinished runs here (or just one with `only`); 0 when every selected run finished."""
+    check_stores(sweep.runs if only is None else [plan.select(sweep.runs, only)])
     sweep.workdir.mkdir(parents=True, exist_ok=True)
     from bigmodel.metrics import atomic_write_text
 

@@ -181,7 +181,7 @@ def test_an_interrupted_prepare_resumes_without_redoing_units(tmp_path, docs, mo
         prepare(tmp_path / "*.jsonl", "jsonl", tmp_path / "out", validation_fraction=0.1)
 
 
-@pytest.mark.parametrize("case", ["not_json", "no_field", "empty", "not_utf8", "bad_parquet", "bad_row_group"])
+@pytest.mark.parametrize("case", ["not_json", "no_field", "empty", "bad_parquet", "bad_row_group"])
 def test_bad_input_names_the_file_and_keeps_nothing(tmp_path, case):
     src = tmp_path / "src"
     src.mkdir()
@@ -195,10 +195,6 @@ def test_bad_input_names_the_file_and_keeps_nothing(tmp_path, case):
     elif case == "empty":
         (src / "a.jsonl").write_text("")
         match = "holds no documents"
-    elif case == "not_utf8":
-        fmt = "text"
-        (src / "a.txt").write_bytes(b"caf\xe9\n")
-        match = r"a\.txt is not UTF-8 text \(byte 3.*convert it to UTF-8"
     elif case == "bad_parquet":
         fmt = "parquet"
         (src / "a.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -217,6 +213,48 @@ def test_bad_input_names_the_file_and_keeps_nothing(tmp_path, case):
     assert not (tmp_path / "out" / store.MANIFEST).exists()
     assert cli.main(["prepare", "--source", str(src), "--format", fmt, "--out", str(tmp_path / "out2"),
                      "--processes", "1", "--quiet"]) == 2
+
+
+def test_bytes_that_are_not_utf8(tmp_path, docs):
+    """The byte tokenizer stores a file's bytes exactly, UTF-8 or not; any other tokenizer refuses the file, naming
+    it and the byte, and keeps nothing (a tokenizer trained on the corpus too, before it trains)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"caf\xe9\n")
+    (src / "b.txt").write_text(docs[0], encoding="utf-8")
+    m = prepare(src, "text", tmp_path / "bytes", validation_fraction=0)
+    raw = [b"caf\xe9\n", docs[0].encode()]
+    np.testing.assert_array_equal(all_tokens(tmp_path / "bytes", "train"),
+                                  np.concatenate([np.append(np.frombuffer(r, np.uint8), 256) for r in raw]))
+    assert m["bytes"] == sum(map(len, raw)) and m["tokens"] == m["bytes"] + 2
+    tok = tokenizers.train_bpe(docs, 300, tmp_path / "tok" / "tokenizer.json")
+    for spec, out in ((f"hf:{tok.path}", "hf"), ("bpe:300", "bpe")):
+        with pytest.raises(ConfigError, match=r"a\.txt is not UTF-8 text \(byte 3\); only --tokenizer byte .*iconv"):
+            prepare(src, "text", tmp_path / out, tokenizer=spec)
+        assert not (tmp_path / out / store.MANIFEST).exists()
+
+
+def test_the_stdlib_through_our_text_files_builder(tmp_path, docs, monkeypatch):
+    """--format tfds --source text_files: the standard library's sources (here a stand-in folder with a latin-1
+    module, as the real one has), built into TFDS once and stored byte for byte."""
+    from bigmodel.data import text_files
+
+    lib = tmp_path / "lib"
+    (lib / "site-packages").mkdir(parents=True)
+    for i, d in enumerate(docs[:10]):
+        (lib / f"m{i}.py").write_text(d, encoding="utf-8")
+    (lib / "latin1.py").write_bytes(b"# -*- coding: latin-1 -*-\nname = 'caf\xe9'\n")
+    (lib / "site-packages" / "pkg.py").write_text("left out\n")
+    held = next(f"held{i}.py" for i in range(1000) if text_files.is_validation(f"held{i}.py", 0.05))
+    (lib / held).write_text("# the builder's validation split needs a file\n")
+    monkeypatch.setattr(text_files, "stdlib_source", lambda: str(lib / "**" / "*.py"))
+    m = prepare("text_files", "tfds", tmp_path / "out", data_dir=str(tmp_path / "tfds"), validation_fraction=0)
+    train = text_files.prepare("", str(tmp_path / "tfds")).as_data_source(split="train")
+    raw = [train[i]["text"] for i in range(len(train))]
+    assert m["documents"] == len(raw) >= 9 and any(b"caf\xe9" in r for r in raw)
+    assert not any(b"left out" in r for r in raw)
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out", "train"),
+                                  np.concatenate([np.append(np.frombuffer(r, np.uint8), 256) for r in raw]))
 
 
 def test_a_damaged_store_is_refused(tmp_path, byte_store):

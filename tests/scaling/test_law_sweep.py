@@ -65,11 +65,21 @@ def test_plan_spans_a_decade_near_the_optimum_and_the_holdout_is_4x_the_largest_
     assert held.id not in {r.id for r in sweep}
     assert low <= held.tokens / held.params <= high
     # The held-out run is trained the way the sweep's runs are: same context, batch, data order and rate rule.
-    for key in ("data.seq_len", "model.max_len", "train.batch_size", "data.shuffle_window", "eval.num_batches"):
+    for key in ("data.seq_len", "model.max_len", "train.batch_size", "data.sources", "eval.num_batches"):
         assert _get(held.config, key) == _get(sweep[0].config, key), key
-    assert held.config.data.seq_len == law.SEQ_LEN and held.config.data.shuffle_window > 0
+    assert held.config.data.seq_len == law.SEQ_LEN and held.config.data.sources == (law.STORE,)
     assert held.learning_rate == pytest.approx(law.LR * (16 / held.width) ** law.LR_EXPONENT)
     assert held.config.optim.warmup_steps == round(0.05 * held.steps)
+
+
+def test_a_store_not_yet_prepared_stops_the_sweep_before_any_run(tmp_path):
+    from bigmodel.scaling import sweep as sweep_lib
+
+    missing = tmp_path / "stores" / "stdlib_bytes"
+    planned = planning.load(LAW + ":holdout", [f"base.data.sources=('{missing}',)"], str(tmp_path / "w"), num_devices=1)
+    with pytest.raises(config_lib.ConfigError, match=r"stdlib_bytes is not a prepared token store: .*bigmodel prepare"):
+        sweep_lib.execute(planned)
+    assert not (tmp_path / "w").exists()
 
 
 def test_lr_variant_scans_the_smallest_and_largest_scanned_widths():
