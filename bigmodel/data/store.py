@@ -381,7 +381,7 @@ def _prepare_unit(args: tuple[int, Unit, str, epath.Path]) -> dict[str, Any]:
             bad = next(t for t in texts if not isinstance(t, str))
             raise StoreError(f"{unit.path}: field {opts.text_key!r} holds {type(bad).__name__}, not text; "
                              "pass the --text-key of a string field")
-        if not isinstance(tok, tokenizers.ByteTokenizer):  # only tfds and text records can hold surrogates
+        if not isinstance(tok, tokenizers.ByteTokenizer):  # the byte tokenizer alone stores surrogate escapes
             for k, text in enumerate(texts):
                 _check_utf8(_record_name(opts, unit, seen + k), text)
         seen += len(texts)

@@ -55,7 +55,8 @@ def check_stores(runs: list) -> None:
 
 def execute(sweep: Sweep, parallel: int = 1, only: str | None = None) -> int:
     """Run the sweep's unfinished runs here (or just one with `only`); 0 when every selected run finished."""
-    check_stores(sweep.runs if only is None else [plan.select(sweep.runs, only)])
+    selected = [plan.select(sweep.runs, only)] if only is not None else sweep.runs
+    check_stores(selected)
     sweep.workdir.mkdir(parents=True, exist_ok=True)
     from bigmodel.metrics import atomic_write_text
 
@@ -63,7 +64,6 @@ def execute(sweep: Sweep, parallel: int = 1, only: str | None = None) -> int:
                       json.dumps({"spec": sweep.spec, "overrides": sweep.overrides,
                                   "config": sweep.config.to_dict()}, indent=1, default=str) + "\n")
     write_run_files(sweep)
-    selected = [plan.select(sweep.runs, only)] if only is not None else sweep.runs
     for run in selected:
         if run.error:
             print(f"[sweep] failed {run.id}: {run.error}", flush=True)
