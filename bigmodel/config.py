@@ -263,6 +263,7 @@ VALUE_RULES: dict[str, Range] = {
     "sweep.lr_exponent": FINITE,
     "sweep.lr_tokens_exponent": FINITE,
     "sweep.base_tokens": POSITIVE,
+    "sweep.independent_weight_decay": NON_NEGATIVE,  # 0: base.optim.weight_decay for every run
     "sweep.warmup_fraction": DECAY,  # 0: the base config's warmup_steps
     "sweep.min_steps": POSITIVE_INT,
     "sweep.max_flops": NON_NEGATIVE,  # 0: no compute cap

@@ -25,6 +25,12 @@ Size rules (all in ``sweep``):
   what a GPT with ``model.mup=True`` needs: the trainer then scales the hidden rates itself),
   times ``(base_tokens / tokens) ** lr_tokens_exponent`` (0 by default: one rate for every
   budget; a positive exponent lowers the rate of longer runs).
+* weight decay ``base.optim.weight_decay`` for every run, or when ``independent_weight_decay``
+  is positive, ``independent_weight_decay / learning_rate``: optax's AdamW shrinks the decayed
+  matrices by learning_rate × weight_decay a step, so coupled decay shrinks the small, fast-learning
+  models of a width ladder many times faster than the wide ones, and the more so the longer they
+  train; holding the product fixed (Wortsman et al. 2023's independent weight decay) gives every
+  run the same shrink per step at the peak of its schedule.
 * warmup ``round(warmup_fraction * steps)`` (at least 1), or ``base.optim.warmup_steps``
   when the fraction is 0. The batch size is the base's for every run, so a run's tokens
   are ``steps * batch_size * seq_len``, and the cosine schedule of every run ends at its
@@ -76,6 +82,7 @@ class Run:
     params_nonembed: int
     params_active: int  # N a token uses: params unless a mixture of experts (then k of E experts)
     learning_rate: float
+    weight_decay: float
     budget_tokens: float | None  # grid: the requested token budget
     budget_flops: float | None  # isoflop: the requested compute budget C
     config: ml_collections.ConfigDict | None = dataclasses.field(repr=False, default=None)
@@ -222,6 +229,13 @@ def learning_rate_for(base_lr: float, sweep: ml_collections.ConfigDict, width: i
     return float(lr)
 
 
+def weight_decay_for(base_decay: float, sweep: ml_collections.ConfigDict, learning_rate: float) -> float:
+    """independent_weight_decay / learning_rate when that is positive, else the base config's weight decay."""
+    if sweep.independent_weight_decay > 0:
+        return float(sweep.independent_weight_decay / learning_rate)
+    return float(base_decay)
+
+
 def warmup_for(base_warmup: int, sweep: ml_collections.ConfigDict, steps: int) -> int:
     """round(warmup_fraction * steps), at least 1; the base warmup when the fraction is 0."""
     if sweep.warmup_fraction > 0:
@@ -309,10 +323,12 @@ def _family_points(base: ml_collections.ConfigDict, sweep: ml_collections.Config
                 continue  # over the compute cap: a grid that gives the largest models fewer budgets
             if not error and not _in_band(tokens / active, sweep.tokens_per_param):
                 continue  # outside the tokens-per-parameter band
+            lr = learning_rate_for(base.optim.learning_rate, sweep, width, tokens)
             yield Run(
                 index=-1, id="", family=label, width=int(width), depth=depth, steps=steps,
                 tokens=tokens, params=params, params_nonembed=params - embed, params_active=active,
-                learning_rate=learning_rate_for(base.optim.learning_rate, sweep, width, tokens),
+                learning_rate=lr,
+                weight_decay=weight_decay_for(base.optim.weight_decay, sweep, lr),
                 budget_tokens=budget if sweep.mode == "grid" else None,
                 budget_flops=budget if sweep.mode == "isoflop" else None,
                 config=cfg, error=error,
@@ -324,6 +340,7 @@ def _finish_config(run: Run, sweep: ml_collections.ConfigDict, num_devices: int)
     cfg = run.config
     cfg.train.steps = run.steps
     cfg.optim.learning_rate = run.learning_rate
+    cfg.optim.weight_decay = run.weight_decay
     cfg.optim.warmup_steps = warmup_for(cfg.optim.warmup_steps, sweep, run.steps)
     # Each run's cosine ends at its own last step: a schedule longer than the run
     # overstates its loss (Hoffmann et al. 2022, fig. A1).
@@ -336,7 +353,7 @@ def _finish_config(run: Run, sweep: ml_collections.ConfigDict, num_devices: int)
     except ConfigError as e:
         run.error = f"config error: {e}"
     # run_overrides may change what the plan set; the table reports what will run.
-    run.steps, run.learning_rate = cfg.train.steps, cfg.optim.learning_rate
+    run.steps, run.learning_rate, run.weight_decay = cfg.train.steps, cfg.optim.learning_rate, cfg.optim.weight_decay
     run.tokens = run.steps * cfg.train.batch_size * cfg.data.seq_len
 
 
@@ -372,10 +389,10 @@ def select(runs: Sequence[Run], only: str) -> Run:
 
 def print_plan(runs: Sequence[Run]) -> None:
     """The planned runs as a table."""
-    print(f"{'#':>3}  {'run':<28}{'params':>9}{'tokens':>9}{'steps':>7}{'6ND':>10}{'lr':>9}  problem")
+    print(f"{'#':>3}  {'run':<28}{'params':>9}{'tokens':>9}{'steps':>7}{'6ND':>10}{'lr':>9}{'wd':>8}  problem")
     for r in runs:
         print(f"{r.index:>3}  {r.id:<28}{human(r.params) if r.params else '?':>9}{human(r.tokens):>9}"
-              f"{r.steps:>7}{r.flops:>10.3g}{r.learning_rate:>9.3g}  {r.error}")
+              f"{r.steps:>7}{r.flops:>10.3g}{r.learning_rate:>9.3g}{r.weight_decay:>8.3g}  {r.error}")
     total = sum(r.flops for r in runs)
     print(f"{len(runs)} runs, {human(sum(r.tokens for r in runs))} tokens, {total:.3g} FLOPs (6ND) in all")
 

@@ -24,7 +24,7 @@ RESULTS = "results.csv"
 # The sweep's table. `flops` is 6·N·D with N the active parameters counting embeddings
 # (params_active = params except for a mixture of experts); `flops_with_attention` is the trainer's count.
 COLUMNS = ("run", "model", "width", "depth", "params", "params_nonembed", "params_active", "tokens", "steps", "flops",
-           "flops_with_attention", "learning_rate", "budget_tokens", "budget_flops", "loss",
+           "flops_with_attention", "learning_rate", "weight_decay", "budget_tokens", "budget_flops", "loss",
            "bits_per_byte", "wall_s", "status", "error")
 REQUIRED_COLUMNS = ("params", "tokens", "loss")
 OPTIONAL_COLUMNS = ("flops",)

@@ -107,7 +107,7 @@ def result_row(sweep: Sweep, run: Run) -> dict[str, Any]:
         "params": run.params or "", "params_nonembed": run.params_nonembed if run.params else "",
         "params_active": run.params_active if run.params else "",
         "tokens": run.tokens, "steps": run.steps, "flops": run.flops or "",
-        "learning_rate": run.learning_rate,
+        "learning_rate": run.learning_rate, "weight_decay": run.weight_decay,
         "budget_tokens": run.budget_tokens or "", "budget_flops": run.budget_flops or "",
         "flops_with_attention": "", "loss": "", "bits_per_byte": "",
         "wall_s": status.get("wall_s", ""), "status": status.get("status", "planned"),

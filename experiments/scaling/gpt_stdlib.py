@@ -76,6 +76,7 @@ def sweep_config() -> ml_collections.ConfigDict:
     s.lr_tokens_exponent = 0.0  # ... * (base_tokens / tokens) ** lr_tokens_exponent (0: every budget alike)
     s.base_tokens = 1_638_400  # the budget at which base.optim.learning_rate is tuned
     s.warmup_fraction = 0.05  # warmup = 5% of each run's steps (0: base.optim.warmup_steps)
+    s.independent_weight_decay = 0.0  # > 0: weight decay = this / lr, one shrink a step for every run (0: base's)
     s.run_overrides = ()  # 'PATTERN:key=value', e.g. 'gpt_w128_*:train.grad_accum=2'
     s.fit_starts = "hoffmann"  # approach-3 starts: 'hoffmann' (4,500) or 'small' (32)
     s.fit_bootstrap = 100  # bootstrap resamples for the fit's intervals

@@ -90,10 +90,11 @@ FLOPS = (2.5e11, 5.5e11, 1.21e12, 2.66e12, 5.86e12, 1.29e13)  # isoFLOP budgets 
 TOKENS_PER_PARAM = (6, 300)  # each budget keeps the sizes with D / N in this band: near its optimum (~40-50)
 LR = 2.4e-2  # at width 16: vertex of the 2M-token scan (docstring)
 LR_EXPONENT = 1.1  # 2.4e-3 at width 128 (its scan's vertex): lr = LR * (16 / width) ** LR_EXPONENT
+DECAY_PER_STEP = 2.4e-4  # lr x weight decay of every run: weight decay 0.1 at width 128, 0.01 at width 16
 STORE = "stores/stdlib_bytes"  # the stdlib as a byte-level token store (docstring): windows read in a random order
 LR_SCAN_TOKENS = 2_097_152  # ':lr' trains widths 16 and the largest scanned on this budget
 LR_SCAN_WIDTHS = (16, 128)
-HOLDOUT = (128, 19_111_936)  # width, tokens: the sweep fit's N_opt 4.3e5, D_opt 2.0e7 at 4x its largest run (5.16e13)
+HOLDOUT = (112, 24_516_608)  # width, tokens: the sweep fit's N_opt 3.8e5 (ladder width nearest), 4x its largest run
 TINY_HOLDOUT = (64, 98_304)  # 4x the compute of ':tiny''s largest run (width 64, 24,576 tokens)
 
 
@@ -121,6 +122,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         s.base_width = 16
         s.lr_exponent = LR_EXPONENT
         s.warmup_fraction = 0.05
+        s.independent_weight_decay = DECAY_PER_STEP
     if arg == "lr":
         s.mode, s.widths, s.tokens, s.tokens_per_param = "grid", LR_SCAN_WIDTHS, (LR_SCAN_TOKENS,), ()
         s.fit_bootstrap = 0

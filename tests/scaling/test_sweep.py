@@ -63,6 +63,18 @@ def test_learning_rate_falls_with_the_token_budget_when_asked():
         plan(GPT_STDLIB, "sweep.base_tokens=0")
 
 
+def test_independent_weight_decay_gives_every_run_one_shrink_a_step():
+    coupled = plan(GPT_STDLIB)
+    assert {r.config.optim.weight_decay for r in coupled} == {0.1} == {r.weight_decay for r in coupled}
+    runs = plan(GPT_STDLIB, "sweep.independent_weight_decay=3e-4")
+    for r in runs:  # lr x weight decay, AdamW's shrink a step, is the same for every width
+        assert r.config.optim.learning_rate * r.config.optim.weight_decay == pytest.approx(3e-4)
+        assert r.weight_decay == r.config.optim.weight_decay == pytest.approx(3e-4 * r.width / 3e-3 / 128)
+    assert runs[0].width < runs[-1].width and runs[0].weight_decay < runs[-1].weight_decay
+    with pytest.raises(config_lib.ConfigError, match="independent_weight_decay"):
+        plan(GPT_STDLIB, "sweep.independent_weight_decay=-1e-4")
+
+
 def test_isoflop_plan_has_d_equal_c_over_6n_in_whole_steps():
     runs = plan(GPT_STDLIB + ":isoflop")
     budgets = (5e11, 1.5e12, 4.5e12)
