@@ -16,6 +16,10 @@ Fits, each recorded only when the data supports it (otherwise with the reason it
 * Kaplan et al. 2020 style (powerlaws.py): L(X) = (X_c/X)^alpha_X for X in N, D, C, each on the
   lower envelope of loss over X.
 
+The backtest (backtest.py) refits approach 3 on the lower budgets and predicts the best run of
+each higher one, giving the law's error per decade of extrapolation, which widens the run
+interval of predictions beyond the fitted runs (held-out checks, `scaling predict`).
+
 Compute-optimal predictions for requested budgets come from approach 3 in closed form and
 from approaches 2 and 1 by extrapolating their N_opt and D_opt power laws. The predicted loss
 is the approach-3 law at each approach's allocation (a pure power law through a few frontier
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel.scaling import backtest as backtest_lib
 from bigmodel.scaling.holdout import HoldoutCheck
 from bigmodel.scaling.laws import (
     Approach3Fit,
@@ -77,6 +82,7 @@ class FitReport:
     budgets: np.ndarray
     plots: dict[str, str] = dataclasses.field(default_factory=dict)
     holdout: HoldoutCheck | None = None  # predictions for runs left out of the fit (holdout.py)
+    backtest: backtest_lib.Backtest | str | None = None  # refits on the lower budgets (backtest.py), or why none
 
     def allocators(self) -> dict[str, ComputeOptimal]:
         """The fitted laws that allocate a compute budget, by approach: approach 3 always, 2 and 1 when fitted."""
@@ -133,4 +139,6 @@ def fit_all(data: ScalingData, budgets: Sequence[float] | None = None, n_bootstr
         approach2=attempt(fit_approach2, data, flops_rtol),
         approach1=attempt(fit_approach1, data),
         kaplan={v: attempt(fit_kaplan, data, v) for v in ("params", "tokens", "flops")},
-        budgets=budgets)
+        budgets=budgets,
+        # Refits from the law's own optimum plus 32 corners of the grid, as the bootstrap's.
+        backtest=backtest_lib.run(data, np.vstack([approach3.theta()[None], small_grid()]), flops_rtol))

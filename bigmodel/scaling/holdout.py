@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bigmodel.scaling.backtest import Backtest
 from bigmodel.scaling.laws import MIN_POINTS_APPROACH3, approach3_residuals, loss_intervals, replicate_losses
 from bigmodel.scaling.powerlaws import KaplanNDFit, fit_kaplan_nd
 from bigmodel.scaling.results import NotSupported, ScalingData, ScalingDataError
@@ -104,6 +105,7 @@ class HoldoutCheck:
     ci95: np.ndarray | None  # (runs, 2): interval of the law; None without a bootstrap
     pi95: np.ndarray | None  # (runs, 2): interval for a measurement
     kaplan: KaplanNDFit | str  # Kaplan's L(N, D) fitted to the used runs, or why there is none
+    pi95_extrapolation: np.ndarray | None = None  # pi95 widened by the backtest's error per decade beyond the fit
 
     @property
     def signed_error(self) -> np.ndarray:
@@ -132,6 +134,9 @@ class HoldoutCheck:
             return None
         return (interval[:, 0] <= self.held.loss) & (self.held.loss <= interval[:, 1])
 
+    def _intervals(self) -> tuple[tuple[str, np.ndarray | None], ...]:
+        return ("ci95", self.ci95), ("pi95", self.pi95), ("pi95_extrapolation", self.pi95_extrapolation)
+
     def to_json(self) -> dict[str, Any]:
         """The fit.json 'holdout' entry: the rule, one record per held-out run, the summary."""
         kaplan = self.kaplan_predicted()
@@ -141,7 +146,7 @@ class HoldoutCheck:
                 "params": self.held.params[i], "tokens": self.held.tokens[i], "flops": self.held.flops[i],
                 "measured": self.held.loss[i], "predicted": self.predicted[i],
                 "signed_error": self.signed_error[i], "relative_error": self.relative_error[i]}
-            for name, interval in (("ci95", self.ci95), ("pi95", self.pi95)):
+            for name, interval in self._intervals():
                 if interval is not None:
                     run[name] = list(interval[i])
                     run[f"inside_{name}"] = bool(self.inside(interval)[i])
@@ -154,9 +159,11 @@ class HoldoutCheck:
             "n_held_out": len(self.held), "runs": runs,
             "median_abs_relative_error": self.median_abs_relative_error,
             "intervals": ("ci95: 2.5-97.5 percentiles of the bootstrap laws' predictions; pi95: the same "
-                          "with the fitted runs' log residuals added (where a new run's measurement should fall)"),
+                          "with the fitted runs' log residuals added (where a new run's measurement should fall); "
+                          "pi95_extrapolation: pi95 widened by the backtest's error per decade of compute beyond "
+                          "the fitted runs (fit.json 'backtest')"),
         }
-        for name, interval in (("ci95", self.ci95), ("pi95", self.pi95)):
+        for name, interval in self._intervals():
             if interval is not None:
                 out[f"fraction_inside_{name}"] = float(np.mean(self.inside(interval)))
         if kaplan is not None:
@@ -173,17 +180,19 @@ class HoldoutCheck:
 def check(report: FitReport, held: ScalingData, rule: HoldoutRule) -> HoldoutCheck:
     """Predict the held-out runs from a report fitted on the others."""
     predicted = report.approach3.predict(held.params, held.tokens)
-    ci = pi = None
+    ci = pi = widened = None
     boot = report.bootstrap
     if boot is not None and boot.samples["E"].size:
         losses = replicate_losses(boot.samples, held.params, held.tokens)
         ci, pi = loss_intervals(losses, approach3_residuals(report.data, report.approach3))
+        if isinstance(report.backtest, Backtest):
+            widened = report.backtest.widen(pi, Backtest.decades(held.flops, report.data))
     try:
         kaplan: KaplanNDFit | str = fit_kaplan_nd(report.data)
     except NotSupported as e:
         kaplan = str(e)
     return HoldoutCheck(rule=rule, n_used=len(report.data), held=held, predicted=predicted, ci95=ci, pi95=pi,
-                        kaplan=kaplan)
+                        kaplan=kaplan, pi95_extrapolation=widened)
 
 
 def format_check(c: HoldoutCheck) -> str:
@@ -192,21 +201,28 @@ def format_check(c: HoldoutCheck) -> str:
     lines = [(f"Hold-out check ({c.rule}: {RULES[c.rule.kind]}): fitted on {c.n_used} runs, predicting "
               f"{len(c.held)}"),
              f"  {'params':>9} {'tokens':>9} {'flops':>9} {'measured':>9} {'predicted':>9} {'error':>8} "
-             f"{'rel.':>7}  {'95% interval (run)':<19} in"
+             f"{'rel.':>7}  {'95% interval (run)':<19} in  {'with backtest':<19} in"
              + (f" {'Kaplan L(N,D)':>13}" if kaplan is not None else "")]
-    inside = c.inside(c.pi95)
+    inside, inside_wide = c.inside(c.pi95), c.inside(c.pi95_extrapolation)
+
+    def cell(interval: np.ndarray | None, within: np.ndarray | None, i: int) -> str:
+        if interval is None:
+            return f"{'-':<19} {'-':<3}"
+        return f"{f'[{interval[i, 0]:.4f}, {interval[i, 1]:.4f}]':<19} {'yes' if within[i] else 'NO':<3}"
+
     for i in range(len(c.held)):
-        interval = f"[{c.pi95[i, 0]:.4f}, {c.pi95[i, 1]:.4f}]" if c.pi95 is not None else "(no bootstrap)"
         line = (f"  {c.held.params[i]:>9.3g} {c.held.tokens[i]:>9.3g} {c.held.flops[i]:>9.3g} "
                 f"{c.held.loss[i]:>9.4f} {c.predicted[i]:>9.4f} {c.signed_error[i]:>+8.4f} "
-                f"{100 * c.relative_error[i]:>+6.2f}%  {interval:<19} "
-                f"{('yes' if inside[i] else 'NO') if inside is not None else '-':<3}")
+                f"{100 * c.relative_error[i]:>+6.2f}%  {cell(c.pi95, inside, i)} "
+                f"{cell(c.pi95_extrapolation, inside_wide, i)}")
         if kaplan is not None:
             line += f" {kaplan[i]:>13.4f}"
         lines.append(line)
     summary = f"  median |relative error| {100 * c.median_abs_relative_error:.2f}%"
     if inside is not None:
         summary += f"; {int(inside.sum())}/{len(inside)} measurements inside the 95% interval for a run"
+    if inside_wide is not None:
+        summary += f" ({int(inside_wide.sum())}/{len(inside_wide)} inside it widened by the backtest)"
     if kaplan is not None:
         summary += (f"; Kaplan L(N, D) median |relative error| "
                     f"{100 * float(np.median(np.abs(kaplan / c.held.loss - 1))):.2f}%")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bigmodel.scaling.backtest import Backtest, format_backtest
 from bigmodel.scaling.holdout import format_check
 from bigmodel.scaling.laws import APPROACH3_PARAMS, approach3_residuals
 from bigmodel.scaling.powerlaws import Approach1Fit, Approach2Fit, KaplanFit, PowerLaw
@@ -74,6 +75,10 @@ def fit_json(report: FitReport) -> dict[str, Any]:
                             "evaluated at each approach's (params, tokens)",
         "plots": dict(report.plots),
     }
+    if isinstance(report.backtest, Backtest):
+        out["backtest"] = report.backtest.to_json()
+    elif report.backtest is not None:
+        out["backtest"] = {"skipped": report.backtest}
     if report.holdout is not None:
         out["holdout"] = report.holdout.to_json()
     out = _jsonable(out)
@@ -190,6 +195,8 @@ def format_report(report: FitReport) -> str:
     if boot is not None:
         lines.append(f"  bootstrap: {boot.n_resamples} resamples, seed {boot.seed}"
                      + (f", {boot.n_failed} failed" if boot.n_failed else ""))
+    if report.backtest is not None:
+        lines += ["", format_backtest(report.backtest)]
     lines.append("")
     a2 = report.approach2
     if isinstance(a2, str):

@@ -108,13 +108,15 @@ def fit_section(title: str, fit: dict[str, Any]) -> str:
 def holdout_section(h: dict[str, Any]) -> str:
     """The hold-out check of a fit.json: one row per held-out run."""
     rows = []
+    def yes(inside: bool | None) -> str:
+        return "" if inside is None else ("yes" if inside else "<span class='no'>no</span>")
+
     for r in h["runs"]:
-        inside = r.get("inside_pi95")
         rows.append([_fmt(r["params"], ".3g"), _fmt(r["tokens"], ".3g"), _fmt(r["flops"], ".3g"),
                      _fmt(r["measured"], ".4f"), _fmt(r["predicted"], ".4f"), _fmt(r["signed_error"], "+.4f"),
                      _fmt(100 * r["relative_error"], "+.2f") + "%", _interval(r.get("pi95"), ".4f"),
-                     "" if inside is None else ("yes" if inside else "<span class='no'>no</span>"),
-                     _fmt(r.get("kaplan_predicted"), ".4f")])
+                     yes(r.get("inside_pi95")), _interval(r.get("pi95_extrapolation"), ".4f"),
+                     yes(r.get("inside_pi95_extrapolation")), _fmt(r.get("kaplan_predicted"), ".4f")])
     inside = h.get("fraction_inside_pi95")
     return (f"<h3>Hold-out check: {_esc(h['rule'])}</h3><p>{_esc(h['question'])}: fitted on {h['n_used']} runs, "
             f"predicting {h['n_held_out']}. Median |relative error| "
@@ -122,7 +124,7 @@ def holdout_section(h: dict[str, Any]) -> str:
             + (f"; {100 * inside:.0f}% of the measurements inside the 95% interval for a run" if inside is not None
                else "") + ".</p>"
             + _table(["params", "tokens", "flops", "measured", "predicted", "error", "relative",
-                      "95% interval (run)", "inside", "Kaplan"], rows))
+                      "95% interval (run)", "inside", "widened by the backtest", "inside", "Kaplan"], rows))
 
 
 def families_section(table: Sequence[dict[str, Any]]) -> str:

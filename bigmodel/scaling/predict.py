@@ -6,7 +6,9 @@
 The first gives the approach-3 loss of a model of N parameters trained on D tokens; the second
 the compute-optimal N and D of a budget of C = 6·N·D FLOPs and their loss. Intervals come from
 the bootstrap replicate laws that fit.json keeps (laws.loss_intervals): ci95 for the law itself,
-pi95 for what one training run should measure. A fit.json whose law is degenerate (a parameter
+pi95 for what one training run should measure, and beyond the fitted runs' compute
+pi95_extrapolation, that interval widened by the error per decade the fit's backtest measured
+(backtest.py). A fit.json whose law is degenerate (a parameter
 at zero, or an interval reaching it) or that records no law is refused with the reason.
 """
 
@@ -96,6 +98,16 @@ def _extrapolation(fit: Mapping[str, Any], flops: float) -> float | None:
     return flops / top if top else None
 
 
+def _widen(fit: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """Add pi95_extrapolation (pi95 widened by the backtest's error per decade) beyond the fitted runs."""
+    rates = (fit.get("backtest") or {}).get("rate_per_decade")
+    x = out.get("flops_over_largest_fitted")
+    if rates is None or "pi95" not in out or x is None or x <= 1.0:
+        return
+    decades, (low, high) = math.log10(x), rates
+    out["pi95_extrapolation"] = [out["pi95"][0] / (1.0 + decades * high), out["pi95"][1] / (1.0 + decades * low)]
+
+
 def predict_point(fit: Mapping[str, Any], params: float, tokens: float) -> dict[str, Any]:
     """Loss of N parameters trained on D tokens, with intervals when the fit has a bootstrap."""
     out: dict[str, Any] = {"optimal": False, "params": params, "tokens": tokens, "flops": 6.0 * params * tokens,
@@ -106,6 +118,7 @@ def predict_point(fit: Mapping[str, Any], params: float, tokens: float) -> dict[
                                 np.asarray(fit["approach3"].get("log_residuals") or [0.0], float))
         out["ci95"], out["pi95"] = [float(v) for v in ci[0]], [float(v) for v in pi[0]]
     out["flops_over_largest_fitted"] = _extrapolation(fit, out["flops"])
+    _widen(fit, out)
     return out
 
 
@@ -123,6 +136,7 @@ def predict_budget(fit: Mapping[str, Any], flops: float) -> dict[str, Any]:
         ci, pi = loss_intervals(allocations[:, 2:3], np.asarray(fit["approach3"].get("log_residuals") or [0.0]))
         out["ci95"], out["pi95"] = [float(v) for v in ci[0]], [float(v) for v in pi[0]]
     out["flops_over_largest_fitted"] = _extrapolation(fit, flops)
+    _widen(fit, out)
     return out
 
 
@@ -148,4 +162,7 @@ def format_prediction(p: Mapping[str, Any]) -> str:
     x = p.get("flops_over_largest_fitted")
     if x is not None and x > 1.0:
         lines.append(f"  extrapolates {x:.3g}x beyond the largest fitted run's compute")
+        if "pi95_extrapolation" in p:
+            low, high = p["pi95_extrapolation"]
+            lines.append(f"  with the error the fit's backtest shows at that distance: {low:.4f} .. {high:.4f}")
     return "\n".join(lines)

@@ -70,6 +70,10 @@ def test_plan_spans_a_decade_near_the_optimum_and_the_holdout_is_4x_the_largest_
     assert held.config.data.seq_len == law.SEQ_LEN and held.config.data.sources == (law.STORE,)
     assert held.learning_rate == pytest.approx(law.LR * (16 / held.width) ** law.LR_EXPONENT)
     assert held.config.optim.warmup_steps == round(0.05 * held.steps)
+    # Every run, the held-out one too, shrinks its matrices by the same lr x weight decay a step.
+    for r in (*sweep, held):
+        assert r.config.optim.learning_rate * r.config.optim.weight_decay == pytest.approx(law.DECAY_PER_STEP)
+    assert sweep[0].width == 16 and sweep[0].config.optim.weight_decay == pytest.approx(0.01, rel=0.03)
 
 
 def test_a_store_not_yet_prepared_stops_the_sweep_before_any_run(tmp_path):

@@ -62,6 +62,9 @@ def test_report_writes_one_page_with_runs_fit_holdout_families_and_plots(sweep_d
     assert f"[{lo:.4g}, {hi:.4g}]" in text
     assert "Hold-out check: largest:2" in text
     assert f"{100 * fit['holdout']['median_abs_relative_error']:.2f}%" in text
+    widened = [r["pi95_extrapolation"] for r in fit["holdout"]["runs"]]  # beyond the fit: the backtest's interval
+    assert "widened by the backtest" in text and len(widened) == 2
+    assert all(f"[{lo:.4f}, {hi:.4f}]" in text for lo, hi in widened)
     assert "Model families" in text and "Differences of alpha_C" in text
     # Every plot is embedded byte for byte: the page needs no other file.
     pngs = sorted((sweep_dir / "fit").rglob("*.png"))
