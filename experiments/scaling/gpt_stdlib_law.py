@@ -10,8 +10,7 @@ Command:   bigmodel prepare --source text_files --format tfds --tokenizer byte -
 Hardware:  2 CPU cores, otherwise idle (load average about 2: the sweep's own two runs).
 Wall time: measured 2026-12-06 (benchmarks/scaling-law-2026-12-06/, "eighth run"): the store,
            about 3 s; the sweep, 35 runs two at a time, 40 min 37 s including its fit and plots;
-           the held-out run 9 min 25 s alone (18 min 39 s with a second seed of it running beside
-           it); each `scaling fit` about 40 s (4,500 starts, 100 bootstrap resamples, the
+           the held-out run 9 min 20 s; each `scaling fit` about 40 s (4,500 starts, 100 bootstrap resamples, the
            backtest's three refits).
 Expected:  validation loss in nats/byte (48 batches of 128 x 32 bytes of the store's held-out
            files), the lowest of each budget's profile, and the law of the 35 runs with N
@@ -25,17 +24,18 @@ Expected:  validation loss in nats/byte (48 batches of 128 x 32 bytes of the sto
            Backtest (the law refitted on the budgets below each of the last three, predicting
            the best run of each budget above): always too high, +0.57 to +1.78% per decade of
            compute beyond the fitted runs.
-           Held-out run (':holdout', width 112 on 24.5M tokens, 5.16e13 FLOPs, 4.0x the largest
-           run; the compute-optimal allocation the sweep's own fit gives at that budget, N_opt
-           3.8e5, to the nearest width of the ladder): measured 1.2719 (seed 1: 1.2747),
-           predicted 1.2889, +1.34% of the measurement (seed 1 +1.12%): within 2%. Its run
-           interval from the bootstrap, [1.2754, 1.3040], misses both seeds (by 0.3% and
-           0.05%); widened by the backtest's rate over the 0.60 decades beyond the sweep,
-           [1.2619, 1.3040], it holds both. Interval and rates were committed before the run
-           ended. With N counted with embeddings: E 1.169 [1.137, 1.182], alpha 0.681 [0.626,
-           0.739], beta 0.673 [0.622, 0.692], predicted 1.2905 (+1.47%, [1.2759, 1.3019],
-           widened [1.2617, 1.3019]): N without embeddings predicts a little better here.
-           Kaplan et al.'s L(N, D), which has no floor, predicts 1.192 / 1.178 (-6.3% / -7.4%).
+           Held-out run (':holdout', width 112 on 24.5M tokens, 5.16e13 FLOPs, 4.0001x the
+           largest run; the compute-optimal allocation the sweep's own fit gives at that
+           budget, N_opt 3.8e5, to the nearest width of the ladder): measured 1.2712,
+           predicted 1.2889, +1.39% of the measurement: within 2%. Its run interval from the
+           bootstrap, [1.2754, 1.3040], misses it by 0.33%; widened by the backtest's rate over
+           the 0.60 decades beyond the sweep, [1.2619, 1.3040], it holds it. Interval and
+           rates were committed before the run ended. A second seed, 3 steps shorter: 1.2747
+           (+1.12%, inside the widened interval). With N counted with embeddings: E 1.169
+           [1.137, 1.182], alpha 0.681 [0.626, 0.739], beta 0.673 [0.622, 0.692], predicted
+           1.2905 (+1.52%, [1.2759, 1.3019], widened [1.2618, 1.3019]): N without embeddings
+           predicts a little better here.
+           Kaplan et al.'s L(N, D), which has no floor, predicts 1.192 / 1.178 (-6.3% / -7.3%).
            What made the difference to the seventh run (the same plan, held-out run 2.14% off
            and outside): weight decay. optax's AdamW shrinks the matrices by lr x weight decay a
            step, so with one weight decay (0.1) and a rate falling as width^-1.1 the narrow
