@@ -90,9 +90,7 @@ class Backtest:
 
     def widen(self, interval: np.ndarray, decades: np.ndarray) -> np.ndarray:
         """A (points, 2) interval widened for points `decades` beyond the fitted runs."""
-        interval, decades = np.asarray(interval, float), np.asarray(decades, float)
-        return np.column_stack([interval[:, 0] / (1.0 + decades * self.rate_high),
-                                interval[:, 1] / (1.0 + decades * self.rate_low)])
+        return widen(interval, decades, self.rate_low, self.rate_high)
 
     def to_json(self) -> dict[str, Any]:
         """The fit.json 'backtest' entry."""
@@ -101,6 +99,18 @@ class Backtest:
                            "params": s.params, "tokens": s.tokens, "flops": s.flops, "measured": s.measured,
                            "predicted": s.predicted, "decades": s.decades, "relative_error": s.relative_error,
                            "rate_per_decade": s.rate} for s in self.steps]}
+
+
+def widen(interval: np.ndarray, decades: np.ndarray | float, rate_low: float, rate_high: float) -> np.ndarray:
+    """(points, 2) run intervals widened by error rates per decade (rate_low <= 0 <= rate_high).
+
+    The top is unbounded where the law's under-prediction rate reaches -100% over the distance.
+    """
+    interval, decades = np.atleast_2d(np.asarray(interval, float)), np.asarray(decades, float)
+    down = 1.0 + decades * rate_low
+    with np.errstate(divide="ignore"):
+        top = np.where(down > 0, interval[:, 1] / np.maximum(down, 1e-300), np.inf)
+    return np.column_stack([interval[:, 0] / (1.0 + decades * rate_high), top])
 
 
 def run(data: ScalingData, starts: np.ndarray | None = None,

@@ -107,10 +107,10 @@ def fit_section(title: str, fit: dict[str, Any]) -> str:
 
 def holdout_section(h: dict[str, Any]) -> str:
     """The hold-out check of a fit.json: one row per held-out run."""
-    rows = []
     def yes(inside: bool | None) -> str:
         return "" if inside is None else ("yes" if inside else "<span class='no'>no</span>")
 
+    rows = []
     for r in h["runs"]:
         rows.append([_fmt(r["params"], ".3g"), _fmt(r["tokens"], ".3g"), _fmt(r["flops"], ".3g"),
                      _fmt(r["measured"], ".4f"), _fmt(r["predicted"], ".4f"), _fmt(r["signed_error"], "+.4f"),

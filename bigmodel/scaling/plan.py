@@ -30,7 +30,8 @@ Size rules (all in ``sweep``):
   matrices by learning_rate × weight_decay a step, so coupled decay shrinks the small, fast-learning
   models of a width ladder many times faster than the wide ones, and the more so the longer they
   train; holding the product fixed (Wortsman et al. 2023's independent weight decay) gives every
-  run the same shrink per step at the peak of its schedule.
+  run the same shrink per step at the peak of its schedule. (With ``model.mup`` the trainer
+  divides the hidden matrices' rates by the width multiplier; the rule sees the base rate.)
 * warmup ``round(warmup_fraction * steps)`` (at least 1), or ``base.optim.warmup_steps``
   when the fraction is 0. The batch size is the base's for every run, so a run's tokens
   are ``steps * batch_size * seq_len``, and the cosine schedule of every run ends at its

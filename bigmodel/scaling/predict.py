@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel.scaling.backtest import widen
 from bigmodel.scaling.laws import APPROACH3_PARAMS, Approach3Fit, loss_intervals, replicate_losses
 from bigmodel.scaling.results import ScalingDataError
 
@@ -104,8 +105,7 @@ def _widen(fit: Mapping[str, Any], out: dict[str, Any]) -> None:
     x = out.get("flops_over_largest_fitted")
     if rates is None or "pi95" not in out or x is None or x <= 1.0:
         return
-    decades, (low, high) = math.log10(x), rates
-    out["pi95_extrapolation"] = [out["pi95"][0] / (1.0 + decades * high), out["pi95"][1] / (1.0 + decades * low)]
+    out["pi95_extrapolation"] = [float(v) for v in widen(out["pi95"], math.log10(x), *rates)[0]]
 
 
 def predict_point(fit: Mapping[str, Any], params: float, tokens: float) -> dict[str, Any]:

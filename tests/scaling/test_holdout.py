@@ -256,6 +256,8 @@ def test_backtest_refits_on_the_lower_budgets_and_rates_the_errors_per_decade():
     assert all(s.relative_error < 0 for s in bt.steps)
     widened = bt.widen(np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([0.0, 0.5]))
     np.testing.assert_allclose(widened, [[1.0, 2.0], [1.0, 2.0 / (1 + 0.5 * bt.rate_low)]])
+    # So far out that the rate reaches -100% the law bounds nothing above.
+    np.testing.assert_array_equal(backtest.widen([[1.0, 2.0]], -1.0 / bt.rate_low, bt.rate_low, 0.0), [[1.0, np.inf]])
     # On losses the form describes exactly the backtest finds (almost) nothing to widen.
     exact = backtest.run(isoflop(), laws.small_grid())
     assert max(abs(s.relative_error) for s in exact.steps) < 1e-3
